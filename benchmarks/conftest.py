@@ -1,0 +1,183 @@
+"""pytest-benchmark setup for the imgtx_fast benchmarks: run modes, threads, and one summary table.
+
+Modes (chosen once per session):
+  full   default                              N = 16384 (16 latents of 32x32), mm ceiling 4096^3
+  quick  IMGTX_BENCH_QUICK=1                  N = 2048,                        mm ceiling 2048^3
+  smoke  --benchmark-disable (CI)             N = 1024, every body runs once untimed, mm 256^3
+Knobs: IMGTX_BENCH_ROUNDS / --imgtx-rounds (timed rounds, default 3),
+       IMGTX_BENCH_MAX_CALL_S / --imgtx-max-call-s (a call slower than this gets 1 timed round, default 10),
+       IMGTX_BENCH_THREADS (intra-op threads; default: every CPU this process may run on).
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import pytest
+import torch
+
+FULL_N, QUICK_N, SMOKE_N = 16384, 2048, 1024
+DEFAULT_ROUNDS = 3
+DEFAULT_MAX_CALL_S = 10.0
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("imgtx-bench", "imgtx_fast benchmarks")
+    group.addoption("--imgtx-rounds", type=int, default=None,
+                    help=f"timed rounds per benchmark (env IMGTX_BENCH_ROUNDS, default {DEFAULT_ROUNDS})")
+    group.addoption("--imgtx-max-call-s", type=float, default=None,
+                    help="a benchmark whose warm-up call takes longer than this many seconds is timed "
+                         f"for 1 round only (env IMGTX_BENCH_MAX_CALL_S, default {DEFAULT_MAX_CALL_S:g})")
+
+
+@dataclass
+class BenchSettings:
+    timing: bool          # False under --benchmark-disable: bodies run once, untimed
+    mode: str             # "full" | "quick" | "smoke"
+    N: int                # latent vectors per call
+    rounds: int
+    max_call_s: float
+    threads: int
+    mm_size: int          # side of the square fp32 matmul ceiling
+
+
+@dataclass
+class BenchResults:
+    # (N, K, D) -> impl -> {"median_s": float, "rounds": int}
+    cases: Dict[Tuple[int, int, int], Dict[str, dict]] = field(default_factory=dict)
+    ceiling: Optional[dict] = None   # {"size": M, "gflops": float}
+    memory: Optional[dict] = None    # extra_info of test_peak_memory
+
+
+SETTINGS_KEY = pytest.StashKey[BenchSettings]()
+RESULTS_KEY = pytest.StashKey[BenchResults]()
+
+
+def _option(config, name, env, cast, default):
+    value = config.getoption(name, default=None)  # default=None: tolerates a late-loaded conftest
+    if value is None and os.environ.get(env):
+        value = cast(os.environ[env])
+    return default if value is None else value
+
+
+def _timing_enabled(config) -> bool:
+    if config.getoption("benchmark_disable", default=False):
+        return False
+    session = getattr(config, "_benchmarksession", None)  # pytest-benchmark also disables under xdist
+    return not getattr(session, "disabled", False)
+
+
+def _default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (cgroup/affinity aware)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def pytest_configure(config):
+    env_threads = os.environ.get("IMGTX_BENCH_THREADS")
+    threads = int(env_threads) if env_threads else _default_threads()
+    torch.set_num_threads(max(1, threads))
+
+    timing = _timing_enabled(config)
+    quick = os.environ.get("IMGTX_BENCH_QUICK", "") not in ("", "0")
+    if not timing:
+        mode, N, mm = "smoke", SMOKE_N, 256
+    elif quick:
+        mode, N, mm = "quick", QUICK_N, 2048
+    else:
+        mode, N, mm = "full", FULL_N, 4096
+    config.stash[SETTINGS_KEY] = BenchSettings(
+        timing=timing, mode=mode, N=N,
+        rounds=max(1, _option(config, "imgtx_rounds", "IMGTX_BENCH_ROUNDS", int, DEFAULT_ROUNDS)),
+        max_call_s=_option(config, "imgtx_max_call_s", "IMGTX_BENCH_MAX_CALL_S", float, DEFAULT_MAX_CALL_S),
+        threads=torch.get_num_threads(), mm_size=mm)
+    config.stash[RESULTS_KEY] = BenchResults()
+
+
+@pytest.fixture(scope="session")
+def bench_settings(pytestconfig) -> BenchSettings:
+    return pytestconfig.stash[SETTINGS_KEY]
+
+
+@pytest.fixture(scope="session")
+def bench_results(pytestconfig) -> BenchResults:
+    return pytestconfig.stash[RESULTS_KEY]
+
+
+# ----------------------------------------------------------------------------------- summary
+
+IMPL_ORDER = ("imgtx_fast", "cdist_argmin", "taming_formula", "vqtorch", "faiss_flatl2")  # table columns
+
+
+def _fmt_ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    settings = config.stash.get(SETTINGS_KEY, None)
+    results = config.stash.get(RESULTS_KEY, None)
+    if settings is None or results is None:
+        return
+    tr = terminalreporter
+    title = "imgtx_fast codebook_lookup summary"
+    if not settings.timing:
+        tr.write_sep("-", title)
+        tr.write_line(f"timings disabled (--benchmark-disable): each benchmark ran once, untimed, "
+                      f"at N={settings.N}")
+        _write_memory(tr, results)
+        return
+    if not (results.cases or results.ceiling or results.memory):
+        return
+
+    tr.write_sep("-", title)
+    tr.write_line(f"fp32 CPU, threads={settings.threads}, mode={settings.mode}, rounds={settings.rounds}; "
+                  "cells: median ms (peer/ours: >1x means imgtx_fast is faster)")
+    ceiling = results.ceiling["gflops"] if results.ceiling else None
+    seen = {i for per in results.cases.values() for i in per}
+    impls = [i for i in IMPL_ORDER if i in seen] + sorted(seen - set(IMPL_ORDER))
+    header = ["case"] + impls + ["ours GF/s", "mm GF/s"]
+    rows = []
+    reduced = False
+    for (N, K, D) in sorted(results.cases):
+        per = results.cases[(N, K, D)]
+        ours = per.get("imgtx_fast")
+        row = [f"N={N} K={K} D={D}"]
+        for impl in impls:
+            r = per.get(impl)
+            if r is None:
+                row.append("-")
+                continue
+            cell = _fmt_ms(r["median_s"])
+            if impl != "imgtx_fast" and ours is not None:
+                cell += f" ({r['median_s'] / ours['median_s']:.1f}x)"
+            if r["rounds"] < settings.rounds:
+                cell += "*"
+                reduced = True
+            row.append(cell)
+        row.append(f"{2 * N * K * D / ours['median_s'] / 1e9:.1f}" if ours else "-")
+        row.append(f"{ceiling:.1f}" if ceiling else "-")
+        rows.append(row)
+    if rows:
+        widths = [max(len(r[c]) for r in rows + [header]) for c in range(len(header))]
+        for r in [header] + rows:
+            tr.write_line("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                    for i, (c, w) in enumerate(zip(r, widths))))
+    if results.ceiling:
+        c = results.ceiling
+        tr.write_line(f"mm ceiling: fp32 torch.mm {c['size']}x{c['size']} @ {c['size']}x{c['size']} "
+                      f"= {c['gflops']:.1f} GF/s (median)")
+    _write_memory(tr, results)
+    if reduced:
+        tr.write_line(f"* timed for fewer rounds: its warm-up call took > {settings.max_call_s:g} s")
+
+
+def _write_memory(tr, results):
+    m = results.memory
+    if not m:
+        return
+    parts = [f"{impl} {m[f'peak_extra_mib_{impl}']:.1f} MiB (N={m[f'N_{impl}']})"
+             for impl in ("imgtx_fast", "cdist_argmin") if f"peak_extra_mib_{impl}" in m]
+    note = "" if m.get("hwm_reset", True) else " (VmHWM not resettable: lower bound)"
+    tr.write_line(f"peak extra RSS of one call, K={m['K']} D={m['D']}: " + ", ".join(parts) + note)

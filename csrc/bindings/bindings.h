@@ -1,0 +1,13 @@
+// One registration function per kernel family; module.cpp calls them all.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace imgtx {
+namespace bindings {
+
+void register_info(pybind11::module_& m);
+void register_codebook(pybind11::module_& m);
+
+}  // namespace bindings
+}  // namespace imgtx

@@ -1,0 +1,174 @@
+// CPU codebook lookup: argument checks, ISA dispatch, and the parts of the algorithm that are
+// O(K*D) or O(N*D) (packing, float64 re-search of uncertified rows, writing outputs).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "codebook/codebook_cpu_internal.h"
+#include "common/cpu_features.h"
+#include "common/thread_pool.h"
+
+namespace imgtx {
+
+void validate(const CodebookLookupParams& p) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("codebook_lookup: " + m); };
+  if (p.batch < 0 || p.rows < 0) fail("negative number of rows");
+  if (p.dim < 1) fail("dim must be >= 1");
+  if (p.num_codes < 1) fail("codebook must hold at least one code");
+  if (p.num_codes > std::numeric_limits<int32_t>::max()) fail("more than 2^31 - 1 codes");
+  if (p.batch * p.rows > 0 && (!p.z || !p.indices)) fail("null z or indices pointer");
+  if (!p.codebook) fail("null codebook pointer");
+  if (p.z_stride_dim == 0 && p.dim > 1) fail("z has a zero stride along dim");
+}
+
+namespace codebook {
+namespace {
+
+// Code k as doubles; returns |c|^2 (non-finite iff the code holds NaN/Inf).
+double load_code(const CodebookLookupParams& p, int64_t k, float* tmp, double* out) {
+  load_strided_as_float(p.codebook, k * p.cb_stride_code, p.cb_stride_dim, p.dim,
+                        p.codebook_dtype, tmp);
+  double n2 = 0.0;
+  for (int64_t d = 0; d < p.dim; ++d) {
+    out[d] = tmp[d];
+    n2 += out[d] * out[d];
+  }
+  return n2;
+}
+
+int64_t z_offset(const CodebookLookupParams& p, int64_t n) {
+  const int64_t b = p.rows ? n / p.rows : 0;
+  return b * p.z_stride_batch + (n - b * p.rows) * p.z_stride_row;
+}
+
+double cosine_scale(double norm2) { return 1.0 / std::max(std::sqrt(norm2), 1e-12); }
+
+}  // namespace
+
+int64_t code_tiles_per_chunk(int64_t dim, int nr) {
+  const int64_t bytes = 256 * 1024;  // about a quarter of a Zen/Skylake L2: room for z and state
+  return std::max<int64_t>(1, bytes / (dim * nr * int64_t(sizeof(float))));
+}
+
+PackedCodebook pack_codebook(const CodebookLookupParams& p, int nr, int num_threads) {
+  const int64_t K = p.num_codes, D = p.dim;
+  PackedCodebook cb;
+  cb.tiles = (K + nr - 1) / nr;
+  cb.panels.assign(size_t(cb.tiles * D * nr), 0.0f);
+  cb.norm32.assign(size_t(cb.tiles * nr), std::numeric_limits<float>::infinity());
+  std::vector<double> tile_max(size_t(cb.tiles), 0.0);
+  const bool cosine = p.metric == CodebookMetric::kCosine;
+  const int workers = parallel_workers(cb.tiles, num_threads);
+  std::vector<std::vector<float>> tmp(workers, std::vector<float>(size_t(D)));
+  std::vector<std::vector<double>> code(workers, std::vector<double>(size_t(D)));
+  parallel_for(cb.tiles, num_threads, [&](int64_t t, int w) {
+    float* panel = cb.panels.data() + t * D * nr;
+    for (int l = 0; l < nr; ++l) {
+      const int64_t k = t * nr + l;
+      if (k >= K) break;
+      const double n2 = load_code(p, k, tmp[w].data(), code[w].data());
+      if (!std::isfinite(n2)) continue;  // dead slot: zeros, norm +inf
+      const double scale = cosine ? cosine_scale(n2) : 1.0;
+      for (int64_t d = 0; d < D; ++d) panel[d * nr + l] = float(code[w][size_t(d)] * scale);
+      cb.norm32[size_t(t * nr + l)] = cosine ? 0.0f : float(n2);
+      tile_max[size_t(t)] = std::max(tile_max[size_t(t)], std::sqrt(n2));
+    }
+  });
+  cb.norm_max = cosine ? 1.0 : *std::max_element(tile_max.begin(), tile_max.end());
+  return cb;
+}
+
+void pack_z_rows(const CodebookLookupParams& p, int64_t n0, int64_t count, int mr, float* out,
+                 double* norms, bool* finite) {
+  const int64_t D = p.dim;
+  const int64_t padded = (count + mr - 1) / mr * mr;
+  std::vector<float> row(static_cast<size_t>(D));
+  for (int64_t r = 0; r < padded; ++r) {
+    float* dst = out + (r / mr) * D * mr + (r % mr);
+    if (r >= count) {
+      for (int64_t d = 0; d < D; ++d) dst[d * mr] = 0.0f;
+      continue;
+    }
+    load_strided_as_float(p.z, z_offset(p, n0 + r), p.z_stride_dim, D, p.z_dtype, row.data());
+    double n2 = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      dst[d * mr] = row[size_t(d)];
+      n2 += double(row[size_t(d)]) * row[size_t(d)];
+    }
+    norms[r] = std::sqrt(n2);
+    finite[r] = std::isfinite(n2);  // squares of floats cannot overflow a double
+  }
+}
+
+int64_t exact_search_row(const CodebookLookupParams& p, int64_t n, bool row_finite,
+                         const int32_t* candidates, int64_t num_candidates) {
+  if (!row_finite) return 0;
+  const int64_t D = p.dim;
+  std::vector<float> tmp(static_cast<size_t>(D));
+  std::vector<double> z(static_cast<size_t>(D)), c(static_cast<size_t>(D));
+  load_strided_as_float(p.z, z_offset(p, n), p.z_stride_dim, D, p.z_dtype, tmp.data());
+  for (int64_t d = 0; d < D; ++d) z[size_t(d)] = tmp[size_t(d)];
+  const bool cosine = p.metric == CodebookMetric::kCosine;
+  const int64_t count = candidates ? num_candidates : p.num_codes;
+  int64_t best_k = 0;
+  double best = std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t k = candidates ? candidates[i] : i;
+    const double n2 = load_code(p, k, tmp.data(), c.data());
+    if (!std::isfinite(n2)) continue;
+    double dist = 0.0;
+    if (cosine) {
+      for (int64_t d = 0; d < D; ++d) dist -= z[size_t(d)] * c[size_t(d)];
+      dist *= cosine_scale(n2);
+    } else {
+      for (int64_t d = 0; d < D; ++d) {
+        const double e = z[size_t(d)] - c[size_t(d)];
+        dist += e * e;
+      }
+    }
+    if (dist < best) {
+      best = dist;
+      best_k = k;
+    }
+  }
+  return best_k;
+}
+
+void finalize_row(const CodebookLookupParams& p, int64_t n, int64_t index) {
+  p.indices[n] = index;
+  if (p.counts) __atomic_fetch_add(&p.counts[index], int64_t(1), __ATOMIC_RELAXED);
+  if (!p.quantized && !p.sqdist) return;
+  const int64_t D = p.dim;
+  std::vector<float> z(static_cast<size_t>(D)), q(static_cast<size_t>(D));
+  std::vector<double> c(static_cast<size_t>(D));
+  const double n2 = load_code(p, index, q.data(), c.data());
+  const double scale = p.metric == CodebookMetric::kCosine ? cosine_scale(n2) : 1.0;
+  load_strided_as_float(p.z, z_offset(p, n), p.z_stride_dim, D, p.z_dtype, z.data());
+  double sq = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = float(c[size_t(d)] * scale);
+    if (p.quantized) store_from_float(p.quantized, n * D + d, p.z_dtype, v);
+    const double e = double(z[size_t(d)]) - double(round_to_dtype(v, p.z_dtype));
+    sq += e * e;
+  }
+  if (p.sqdist) p.sqdist[n] = float(sq);
+}
+
+}  // namespace codebook
+
+void codebook_lookup_cpu(const CodebookLookupParams& p, int num_threads) {
+  validate(p);
+  if (p.batch * p.rows == 0) return;
+  if (active_cpu_isa() == CpuIsa::kAvx2) {
+#ifdef IMGTX_HAVE_AVX2
+    codebook_lookup_cpu_avx2(p, num_threads);
+    return;
+#endif
+  }
+  codebook_lookup_cpu_portable(p, num_threads);
+}
+
+}  // namespace imgtx

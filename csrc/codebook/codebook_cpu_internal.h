@@ -1,0 +1,49 @@
+// Pieces of the CPU codebook lookup that are not hot loops: compiled once, portably, and
+// shared by every ISA-specific driver (codebook_cpu_driver.h).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "imgtx/codebook.h"
+
+namespace imgtx {
+namespace codebook {
+
+// The codebook in the micro-kernel's layout: tiles of NR codes, each stored [D][NR] so one
+// vector load gives NR codes at one coordinate. Codes past K, and codes holding NaN/Inf, are
+// zeros with norm +inf, so their score is +inf and they are never picked.
+struct PackedCodebook {
+  int64_t tiles = 0;
+  std::vector<float> panels;  // tiles * D * NR
+  std::vector<float> norm32;  // tiles * NR: |c|^2 (l2) or 0 (cosine), +inf for dead slots
+  double norm_max = 0.0;      // max |c| over finite codes (1 for cosine): the error bound's C
+};
+PackedCodebook pack_codebook(const CodebookLookupParams& p, int nr, int num_threads);
+
+// Rows [n0, n0 + count) of z as fp32 in micro-panels of `mr` rows: out[(i * D + d) * mr + r]
+// holds row n0 + i * mr + r (zero for padding rows). norms[r] = |z_row| (fp64);
+// finite[r] = whether the row holds no NaN/Inf.
+void pack_z_rows(const CodebookLookupParams& p, int64_t n0, int64_t count, int mr, float* out,
+                 double* norms, bool* finite);
+
+// The float64 argmin of row n over the given candidate codes (increasing), or over all codes
+// when candidates is null; ties go to the lowest index; 0 for a non-finite row.
+int64_t exact_search_row(const CodebookLookupParams& p, int64_t n, bool row_finite,
+                         const int32_t* candidates = nullptr, int64_t num_candidates = 0);
+
+// Writes indices[n], quantized[n, :], sqdist[n] and counts[index] for row n.
+void finalize_row(const CodebookLookupParams& p, int64_t n, int64_t index);
+
+// Scratch rows per task and the L2-sized chunk of code tiles (shared by every driver).
+constexpr int kRowsPerTaskMicroTiles = 8;
+constexpr int64_t kDimBlock = 128;  // one code tile slice (8 KB) + the task's z slices in L1
+int64_t code_tiles_per_chunk(int64_t dim, int nr);
+
+}  // namespace codebook
+
+// The ISA-specific entry points (codebook_portable.cpp, codebook_avx2.cpp).
+void codebook_lookup_cpu_portable(const CodebookLookupParams& p, int num_threads);
+void codebook_lookup_cpu_avx2(const CodebookLookupParams& p, int num_threads);
+
+}  // namespace imgtx

@@ -1,0 +1,84 @@
+"""python -m imgtx_fast info | demo | bench"""
+import argparse
+import os
+import platform
+import sys
+import time
+
+
+def info() -> None:
+    import torch
+
+    import imgtx_fast
+    from imgtx_fast import _C
+
+    cuda_ok = torch.cuda.is_available()
+    rows = [
+        ("imgtx_fast", f"{imgtx_fast.__version__} ({os.path.dirname(imgtx_fast.__file__)})"),
+        ("torch", torch.__version__),
+        ("python", f"{platform.python_version()} on {platform.machine()}"),
+        ("cpu path", f"{_C.cpu_isa()} (available: {', '.join(_C.cpu_isas_available())})"),
+        ("cpu threads", f"{torch.get_num_threads()} (torch.get_num_threads(); built-in pool, no OpenMP)"),
+        ("cuda compiled", "yes" if _C.cuda_compiled() else "no"),
+        ("cuda archs", _C.cuda_archs() or "-"),
+        ("cuda devices", f"{_C.cuda_device_count()} visible to imgtx_fast; torch sees "
+                         f"{torch.cuda.device_count() if cuda_ok else 0}"),
+        ("backend", imgtx_fast.get_backend()),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def _median_time(fn, repeat=5):
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def demo(n: int = 8192, k: int = 4096, d: int = 64) -> None:
+    """Quantize a batch of VQ latents with the fused kernel and with torch.cdist + argmin."""
+    import torch
+
+    from imgtx_fast import codebook_lookup
+
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(k, d, generator=g)
+    z = codebook[torch.randint(0, k, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
+    out = codebook_lookup(z, codebook, return_stats=True)
+    expected = torch.cdist(z, codebook).argmin(1)
+    agree = (out.indices == expected).float().mean().item()
+    ours = _median_time(lambda: codebook_lookup(z, codebook))
+    theirs = _median_time(lambda: codebook[torch.cdist(z, codebook).argmin(1)])
+    used = int((out.counts > 0).sum())
+    print(f"VQ codebook lookup: {n} latents x {k} codes x dim {d}, {torch.get_num_threads()} threads")
+    print(f"  imgtx_fast.codebook_lookup : {ours * 1e3:8.1f} ms  ({2 * n * k * d / ours / 1e9:.0f} GFLOP/s)")
+    print(f"  torch.cdist + argmin       : {theirs * 1e3:8.1f} ms  -> {theirs / ours:.1f}x faster")
+    print(f"  same indices as cdist on {agree * 100:.2f}% of rows; codes used {used}/{k}; "
+          f"mean commitment |z-q|^2/D = {out.sqdist.mean().item() / d:.4f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m imgtx_fast")
+    parser.add_argument("command", choices=["info", "demo", "bench"], nargs="?", default="info")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+    elif args.command == "demo":
+        demo()
+    else:
+        import pytest
+
+        bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+        if not os.path.isdir(bench_dir):
+            print("benchmarks/ ships with the source tree: run `pytest benchmarks/` from a checkout")
+            return 1
+        return pytest.main([bench_dir])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,4 @@
+"""torch.library definitions of the compiled ops (namespace `imgtx`)."""
+from .codebook import CodebookLookup, codebook_lookup
+
+__all__ = ["CodebookLookup", "codebook_lookup"]

@@ -1,0 +1,84 @@
+"""Thin setup.py: everything is built by CMakeLists.txt with Ninja.
+
+Environment:
+  IMGTX_FAST_CUDA        auto (default: build CUDA when nvcc is found) | 0 | 1 (error without nvcc)
+  IMGTX_FAST_CUDA_ARCHS  CMake CUDA architectures (default 80-real;90a-real;90-virtual)
+  MAX_JOBS               parallel compile jobs
+  CMAKE_ARGS             extra arguments for the CMake configure step
+"""
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def find_nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def cuda_setting():
+    mode = os.environ.get("IMGTX_FAST_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"IMGTX_FAST_CUDA must be auto, 0 or 1, not {mode!r}")
+    nvcc = find_nvcc() if mode != "0" else None
+    if mode == "1" and not nvcc:
+        sys.exit("IMGTX_FAST_CUDA=1 but nvcc was found neither under CUDA_HOME nor on PATH")
+    return nvcc
+
+
+def tool(module, attr, name):
+    """The cmake/ninja that the build requirements installed, else the one on PATH."""
+    try:
+        mod = __import__(module)
+        return str(Path(getattr(mod, attr)) / name)
+    except (ImportError, AttributeError):
+        return shutil.which(name) or name
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        nvcc = cuda_setting()
+        args = [
+            f"-S{ROOT}",
+            f"-B{build_dir}",
+            "-GNinja",
+            f"-DCMAKE_MAKE_PROGRAM={tool('ninja', 'BIN_DIR', 'ninja')}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DIMGTX_FAST_CUDA={'ON' if nvcc else 'OFF'}",
+        ]
+        if nvcc:
+            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+            archs = os.environ.get("IMGTX_FAST_CUDA_ARCHS")
+            if archs:
+                args.append(f"-DIMGTX_FAST_CUDA_ARCHS={archs}")
+        args += shlex.split(os.environ.get("CMAKE_ARGS", ""))
+        cmake = tool("cmake", "CMAKE_BIN_DIR", "cmake")
+        subprocess.check_call([cmake, *args])
+        build = [cmake, "--build", str(build_dir), "--target", "_C"]
+        if os.environ.get("MAX_JOBS"):
+            build += ["--parallel", os.environ["MAX_JOBS"]]
+        subprocess.check_call(build)
+
+
+setup(
+    ext_modules=[Extension("imgtx_fast._C", sources=[])],
+    cmdclass={"build_ext": CMakeBuild},
+)
