@@ -46,6 +46,9 @@ class BenchResults:
     cases: Dict[Tuple[int, int, int], Dict[str, dict]] = field(default_factory=dict)
     ceiling: Optional[dict] = None   # {"size": M, "gflops": float}
     memory: Optional[dict] = None    # extra_info of test_peak_memory
+    # GPU (test_codebook_cuda.py): (dtype, N, K, D) -> impl -> median seconds; dtype -> TFLOP/s
+    gpu_cases: Dict[Tuple[str, int, int, int], Dict[str, float]] = field(default_factory=dict)
+    gpu_ceiling: Dict[str, float] = field(default_factory=dict)
 
 
 SETTINGS_KEY = pytest.StashKey[BenchSettings]()
@@ -128,6 +131,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                       f"at N={settings.N}")
         _write_memory(tr, results)
         return
+    _write_gpu(tr, results)
     if not (results.cases or results.ceiling or results.memory):
         return
 
@@ -171,6 +175,29 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _write_memory(tr, results)
     if reduced:
         tr.write_line(f"* timed for fewer rounds: its warm-up call took > {settings.max_call_s:g} s")
+
+
+def _write_gpu(tr, results):
+    if not results.gpu_cases:
+        return
+    tr.write_sep("-", "imgtx_fast codebook_lookup GPU summary")
+    tr.write_line("cells: median ms (peer/ours: >1x means imgtx_fast is faster); "
+                  "TF/s = ours, mm TF/s = torch.mm 8192^3 of the same dtype")
+    impls = ("imgtx_fast", "cdist_argmin", "matmul_formula")
+    tr.write_line(f"{'case':<30}" + "".join(f"{i:>22}" for i in impls) + f"{'TF/s':>8}{'mm TF/s':>9}")
+    for (dtype, N, K, D), per in sorted(results.gpu_cases.items()):
+        ours = per.get("imgtx_fast")
+        cells = []
+        for impl in impls:
+            t = per.get(impl)
+            cell = "-" if t is None else _fmt_ms(t)
+            if t is not None and ours and impl != "imgtx_fast":
+                cell += f" ({t / ours:.1f}x)"
+            cells.append(f"{cell:>22}")
+        tf = f"{2 * N * K * D / ours / 1e12:.1f}" if ours else "-"
+        ceil = results.gpu_ceiling.get(dtype)
+        tr.write_line(f"{dtype + f' N={N} K={K} D={D}':<30}" + "".join(cells) + f"{tf:>8}"
+                      + (f"{ceil:>9.0f}" if ceil else f"{'-':>9}"))
 
 
 def _write_memory(tr, results):

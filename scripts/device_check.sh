@@ -50,4 +50,4 @@ fi
 echo
 echo "==== device_check summary ($(cat "$OUT/gpu.txt" | head -1)) ===="
 printf '%s\n' "${status[@]}"
-grep -A 40 "imgtx_fast benchmark summary" "$OUT/bench.log" 2>/dev/null | head -40
+grep -A 16 "codebook_lookup GPU summary" "$OUT/bench.log" 2>/dev/null | head -16

@@ -222,3 +222,30 @@ def test_many_shapes_hypothesis(cpu_isa):
         check_outputs(z, c, "cosine" if cosine else "l2")
 
     run()
+
+
+def test_uncertified_rows_are_rechecked_exactly(cpu_isa):
+    """Near-ties the fp32 pass cannot separate go through the float64 candidate re-check, and
+    rows whose scores could overflow fp32 through the full float64 re-search; both exact."""
+    g = torch.Generator().manual_seed(9)
+    c = torch.randn(300, 16, generator=g)
+    z = (c[:200] + c[100:300]) / 2 + 1e-7 * torch.randn(200, 16, generator=g)  # midpoints
+    _C.reset_codebook_counters()
+    check_outputs(z, c)
+    counters = _C.codebook_counters()
+    assert counters["rows_rechecked"] > 0, counters
+    assert counters["rows_full_search"] == 0, counters
+
+    big = torch.randn(40, 8, generator=g) * 1e18  # |c|^2 ~ 1e37: fp32 scores may overflow
+    zb = big[:30] + 1e16 * torch.randn(30, 8, generator=g)
+    _C.reset_codebook_counters()
+    check_outputs(zb, big)
+    assert _C.codebook_counters()["rows_full_search"] == 30
+
+
+def test_tiny_values_are_exact(cpu_isa):
+    """Subnormal-range scores: the error bound's absolute term keeps certification honest."""
+    g = torch.Generator().manual_seed(10)
+    c = torch.randn(64, 8, generator=g) * 1e-21
+    z = c[torch.randint(0, 64, (100,), generator=g)] + 1e-22 * torch.randn(100, 8, generator=g)
+    check_outputs(z, c)

@@ -52,6 +52,15 @@ CodebookLookupParams make_params(uintptr_t z, int z_dtype, int64_t batch, int64_
 }  // namespace
 
 void register_codebook(py::module_& m) {
+  m.def("codebook_counters", [] {
+    const CodebookCounters c = codebook_counters();
+    py::dict d;
+    d["rows_rechecked"] = c.rows_rechecked;
+    d["rows_full_search"] = c.rows_full_search;
+    return d;
+  }, "CPU rows whose argmin needed a float64 re-check (few candidates) or a full re-search.");
+  m.def("reset_codebook_counters", &reset_codebook_counters);
+
   m.def(
       "codebook_lookup_cpu",
       [](uintptr_t z, int zt, int64_t b, int64_t r, int64_t d, int64_t sb, int64_t sr,

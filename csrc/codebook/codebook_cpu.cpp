@@ -1,7 +1,9 @@
 // CPU codebook lookup: argument checks, ISA dispatch, and the parts of the algorithm that are
 // O(K*D) or O(N*D) (packing, float64 re-search of uncertified rows, writing outputs).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -9,6 +11,7 @@
 
 #include "codebook/codebook_cpu_internal.h"
 #include "common/cpu_features.h"
+#include "common/fp64_sum.h"
 #include "common/thread_pool.h"
 
 namespace imgtx {
@@ -26,6 +29,8 @@ void validate(const CodebookLookupParams& p) {
 
 namespace codebook {
 namespace {
+
+std::atomic<int64_t> g_rows_rechecked{0}, g_rows_full_search{0};
 
 // Code k as doubles; returns |c|^2 (non-finite iff the code holds NaN/Inf).
 double load_code(const CodebookLookupParams& p, int64_t k, float* tmp, double* out) {
@@ -47,6 +52,11 @@ int64_t z_offset(const CodebookLookupParams& p, int64_t n) {
 double cosine_scale(double norm2) { return 1.0 / std::max(std::sqrt(norm2), 1e-12); }
 
 }  // namespace
+
+int64_t micro_tiles_per_task(int64_t rows, int mr, int num_threads) {
+  const int64_t per_thread = int64_t(mr) * std::max(1, num_threads) * 4;
+  return std::clamp<int64_t>((rows + per_thread - 1) / per_thread, 1, kMaxMicroTilesPerTask);
+}
 
 int64_t code_tiles_per_chunk(int64_t dim, int nr) {
   const int64_t bytes = 256 * 1024;  // about a quarter of a Zen/Skylake L2: room for z and state
@@ -93,11 +103,10 @@ void pack_z_rows(const CodebookLookupParams& p, int64_t n0, int64_t count, int m
       continue;
     }
     load_strided_as_float(p.z, z_offset(p, n0 + r), p.z_stride_dim, D, p.z_dtype, row.data());
-    double n2 = 0.0;
-    for (int64_t d = 0; d < D; ++d) {
-      dst[d * mr] = row[size_t(d)];
-      n2 += double(row[size_t(d)]) * row[size_t(d)];
-    }
+    for (int64_t d = 0; d < D; ++d) dst[d * mr] = row[size_t(d)];
+    const double n2 = sum_in_lanes(D, [&](int64_t d) {
+      return double(row[size_t(d)]) * double(row[size_t(d)]);  // exact: a float's square
+    });
     norms[r] = std::sqrt(n2);
     finite[r] = std::isfinite(n2);  // squares of floats cannot overflow a double
   }
@@ -107,8 +116,11 @@ int64_t exact_search_row(const CodebookLookupParams& p, int64_t n, bool row_fini
                          const int32_t* candidates, int64_t num_candidates) {
   if (!row_finite) return 0;
   const int64_t D = p.dim;
-  std::vector<float> tmp(static_cast<size_t>(D));
-  std::vector<double> z(static_cast<size_t>(D)), c(static_cast<size_t>(D));
+  thread_local std::vector<float> tmp;
+  thread_local std::vector<double> z, c;
+  tmp.resize(size_t(D));
+  z.resize(size_t(D));
+  c.resize(size_t(D));
   load_strided_as_float(p.z, z_offset(p, n), p.z_stride_dim, D, p.z_dtype, tmp.data());
   for (int64_t d = 0; d < D; ++d) z[size_t(d)] = tmp[size_t(d)];
   const bool cosine = p.metric == CodebookMetric::kCosine;
@@ -137,27 +149,65 @@ int64_t exact_search_row(const CodebookLookupParams& p, int64_t n, bool row_fini
   return best_k;
 }
 
+void count_recheck(bool full_search) {
+  (full_search ? g_rows_full_search : g_rows_rechecked).fetch_add(1, std::memory_order_relaxed);
+}
+
 void finalize_row(const CodebookLookupParams& p, int64_t n, int64_t index) {
   p.indices[n] = index;
   if (p.counts) __atomic_fetch_add(&p.counts[index], int64_t(1), __ATOMIC_RELAXED);
   if (!p.quantized && !p.sqdist) return;
   const int64_t D = p.dim;
-  std::vector<float> z(static_cast<size_t>(D)), q(static_cast<size_t>(D));
-  std::vector<double> c(static_cast<size_t>(D));
-  const double n2 = load_code(p, index, q.data(), c.data());
-  const double scale = p.metric == CodebookMetric::kCosine ? cosine_scale(n2) : 1.0;
-  load_strided_as_float(p.z, z_offset(p, n), p.z_stride_dim, D, p.z_dtype, z.data());
-  double sq = 0.0;
-  for (int64_t d = 0; d < D; ++d) {
-    const float v = float(c[size_t(d)] * scale);
-    if (p.quantized) store_from_float(p.quantized, n * D + d, p.z_dtype, v);
-    const double e = double(z[size_t(d)]) - double(round_to_dtype(v, p.z_dtype));
-    sq += e * e;
+  if (p.metric == CodebookMetric::kL2 && p.z_dtype == DType::kFloat32 &&
+      p.codebook_dtype == DType::kFloat32 && p.cb_stride_dim == 1) {
+    // The common case, without staging copies (it is a third of a call's time at small K).
+    const float* code = static_cast<const float*>(p.codebook) + index * p.cb_stride_code;
+    if (p.quantized)
+      std::memcpy(static_cast<float*>(p.quantized) + n * D, code, size_t(D) * sizeof(float));
+    if (p.sqdist) {
+      const float* z = static_cast<const float*>(p.z) + z_offset(p, n);
+      const int64_t sd = p.z_stride_dim;
+      p.sqdist[n] = float(sum_in_lanes(D, [&](int64_t d) {
+        const double e = double(z[d * sd]) - double(code[d]);
+        return e * e;
+      }));
+    }
+    return;
   }
-  if (p.sqdist) p.sqdist[n] = float(sq);
+  thread_local std::vector<float> z, q;  // per-row scratch without a malloc per row
+  z.resize(size_t(D));
+  q.resize(size_t(D));
+  load_strided_as_float(p.codebook, index * p.cb_stride_code, p.cb_stride_dim, D,
+                        p.codebook_dtype, q.data());
+  if (p.metric == CodebookMetric::kCosine) {
+    double n2 = 0.0;
+    for (int64_t d = 0; d < D; ++d) n2 += double(q[size_t(d)]) * q[size_t(d)];
+    const double scale = cosine_scale(n2);
+    for (int64_t d = 0; d < D; ++d) q[size_t(d)] = float(double(q[size_t(d)]) * scale);
+  }
+  round_to_dtype_inplace(q.data(), D, p.z_dtype);  // the value as written
+  if (p.quantized) store_as_dtype(p.quantized, n * D, q.data(), D, p.z_dtype);
+  if (!p.sqdist) return;
+  load_strided_as_float(p.z, z_offset(p, n), p.z_stride_dim, D, p.z_dtype, z.data());
+  p.sqdist[n] = float(sum_in_lanes(D, [&](int64_t d) {
+    const double e = double(z[size_t(d)]) - double(q[size_t(d)]);  // exact for floats
+    return e * e;
+  }));
 }
 
 }  // namespace codebook
+
+CodebookCounters codebook_counters() {
+  CodebookCounters c;
+  c.rows_rechecked = codebook::g_rows_rechecked.load();
+  c.rows_full_search = codebook::g_rows_full_search.load();
+  return c;
+}
+
+void reset_codebook_counters() {
+  codebook::g_rows_rechecked.store(0);
+  codebook::g_rows_full_search.store(0);
+}
 
 void codebook_lookup_cpu(const CodebookLookupParams& p, int num_threads) {
   validate(p);

@@ -3,12 +3,11 @@
 // Included by one .cpp per ISA, each inside its own namespace (IMGTX_CPU_NS), so the
 // instantiations compiled with -mavx2 never merge with the portable ones at link time.
 //
-// Work split: tasks are blocks of MR * kRowsPerTaskMicroTiles rows (threads split over rows).
+// Work split: tasks are blocks of rows (threads split over rows; micro_tiles_per_task).
 // A task packs its rows once, then sweeps the codebook chunk by chunk (each chunk sized for
-// L2). Within a chunk the dims are blocked by kDimBlock so that one code tile's slice and
-// the task's z slices stay in L1 at any D (the GEMM practice; on the 2-core dev machine the
-// gain at D = 512 was within timing noise); partial dot products wait in a small per-task
-// buffer between dim blocks. On the last dim block the micro-kernel folds its MR x NR scores, straight from
+// L2). Within a chunk the dims are blocked by kDimBlock so that one code tile's slice stays
+// in L1 while the rows stream past it (see codebook_cpu_internal.h for the measurements);
+// partial dot products wait in a small per-task buffer between dim blocks. On the last dim block the micro-kernel folds its MR x NR scores, straight from
 // registers, into a per-lane running (best, index, second-best). The FMA chain of each
 // (row, code) stays one sequential chain, so results do not depend on the blocking.
 // No N x K buffer exists anywhere. At the end each row's lanes are merged, the result is
@@ -58,7 +57,7 @@ void codebook_lookup_driver(const CodebookLookupParams& p, int num_threads) {
   const codebook::PackedCodebook cb = codebook::pack_codebook(p, NR, num_threads);
   const int64_t chunk = codebook::code_tiles_per_chunk(D, NR);
   const int64_t dim_block = codebook::kDimBlock;
-  const int64_t rows_per_task = int64_t(MR) * codebook::kRowsPerTaskMicroTiles;
+  const int64_t rows_per_task = MR * codebook::micro_tiles_per_task(N, MR, num_threads);
   const int64_t tasks = (N + rows_per_task - 1) / rows_per_task;
   const int workers = parallel_workers(tasks, num_threads);
 
@@ -139,8 +138,10 @@ void codebook_lookup_driver(const CodebookLookupParams& p, int num_threads) {
                              s.zrow, s.candidates);
           idx = codebook::exact_search_row(p, n, true, s.candidates.data(),
                                            int64_t(s.candidates.size()));
+          codebook::count_recheck(false);
         } else {
           idx = codebook::exact_search_row(p, n, finite);
+          codebook::count_recheck(true);
         }
       }
       codebook::finalize_row(p, n, idx);

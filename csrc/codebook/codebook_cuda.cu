@@ -17,6 +17,7 @@
 
 #include "codebook/certify.h"
 #include "common/cuda_check.h"
+#include "common/fp64_sum.h"
 #include "imgtx/codebook.h"
 
 namespace imgtx {
@@ -306,23 +307,22 @@ __global__ __launch_bounds__(kFinThreads) void finalize_kernel(CodebookLookupPar
       return cached ? zs[d] : LZ::load(p.z, zoff + d * p.z_stride_dim);
     };
 
-    // |z_n|^2 summed in order by thread 0, as the CPU's pack_z_rows: the same bound then
-    // certifies the same rows on both backends. Non-finite iff the row holds NaN/Inf.
-    double z2 = 0.0;
-    for (int64_t d0 = 0; d0 < D; d0 += kFinThreads) {
-      const int64_t d = d0 + tid;
-      if (d < D) {
-        const float v = LZ::load(p.z, zoff + d * p.z_stride_dim);
-        if (cached) zs[d] = v;
-        terms[tid] = double(v) * v;  // exact
+    // |z_n|^2 in the canonical order (common/fp64_sum.h), as the CPU's pack_z_rows: the same
+    // bound then certifies the same rows on both backends. Non-finite iff the row has NaN/Inf.
+    if (cached)
+      for (int64_t d = tid; d < D; d += kFinThreads) zs[d] = LZ::load(p.z, zoff + d * p.z_stride_dim);
+    __syncthreads();
+    if (tid < kSumLanes) {
+      double a = 0.0;
+      for (int64_t d = tid; d < D; d += kSumLanes) {
+        const double v = zat(d);
+        a = __dadd_rn(a, __dmul_rn(v, v));  // exact square of a float, then one rounding
       }
-      __syncthreads();
-      if (tid == 0) {
-        const int cnt = D - d0 < kFinThreads ? int(D - d0) : kFinThreads;
-        for (int i = 0; i < cnt; ++i) z2 = __dadd_rn(z2, terms[i]);
-      }
-      __syncthreads();
+      terms[tid] = a;
     }
+    __syncthreads();
+    const double z2 = tid == 0 ? combine_sum_lanes(terms) : 0.0;
+    __syncthreads();  // terms is reused below
     if (tid == 0) {
       float best = __int_as_float(0x7f800000), second = best;
       int idx = INT_MAX;
@@ -373,28 +373,28 @@ __global__ __launch_bounds__(kFinThreads) void finalize_kernel(CodebookLookupPar
       idx = bk == INT_MAX ? 0 : bk;  // no finite code: index 0
     }
 
-    // Outputs, as codebook_cpu.cpp's finalize_row (sqdist summed sequentially by thread 0).
+    // Outputs, as codebook_cpu.cpp's finalize_row; sqdist in the canonical summation order.
     double sq = 0.0;
     if (p.quantized || p.sqdist) {
       const double scale = w.cosine ? cosine_scale(w.norm2[idx]) : 1.0;
       const int64_t base = int64_t(idx) * p.cb_stride_code;
-      for (int64_t d0 = 0; d0 < D; d0 += kFinThreads) {
-        const int64_t d = d0 + tid;
-        if (d < D) {
-          const double cd = LC::load(p.codebook, base + d * p.cb_stride_dim);
-          const float v = __double2float_rn(__dmul_rn(cd, scale));
-          const float q = p.quantized ? LZ::store(p.quantized, n * D + d, v) : LZ::round(v);
-          const double e = double(zat(d)) - double(q);
-          terms[tid] = __dmul_rn(e, e);
-        }
-        if (p.sqdist) {
-          __syncthreads();
-          if (tid == 0) {
-            const int cnt = D - d0 < kFinThreads ? int(D - d0) : kFinThreads;
-            for (int i = 0; i < cnt; ++i) sq = __dadd_rn(sq, terms[i]);
+      auto quantized_at = [&](int64_t d) {  // the code as written, rounded to z's dtype
+        const double cd = LC::load(p.codebook, base + d * p.cb_stride_dim);
+        return __double2float_rn(__dmul_rn(cd, scale));
+      };
+      if (p.quantized)
+        for (int64_t d = tid; d < D; d += kFinThreads) LZ::store(p.quantized, n * D + d, quantized_at(d));
+      if (p.sqdist) {
+        if (tid < kSumLanes) {
+          double a = 0.0;
+          for (int64_t d = tid; d < D; d += kSumLanes) {
+            const double e = double(zat(d)) - double(LZ::round(quantized_at(d)));
+            a = __dadd_rn(a, __dmul_rn(e, e));
           }
-          __syncthreads();
+          terms[tid] = a;
         }
+        __syncthreads();
+        if (tid == 0) sq = combine_sum_lanes(terms);
       }
     }
     if (tid == 0) {

@@ -125,9 +125,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update_codebook(self, z_cl: Tensor, indices: Tensor, counts: Tensor) -> None:
-        # Writes go through `.data`: the lookup saved the (detached) weight for backward, and
-        # an in-place write on the weight itself would bump the shared version counter and
-        # make backward fail; no gradient depends on the values written here.
+        # Writes go through `.data`, invisible to autograd's version counters, so a graph
+        # built before the update (the codebook term's gather) still backpropagates; no
+        # gradient depends on the values written here.
         weight = self.embedding.weight.data
         flat = z_cl.reshape(-1, self.dim).float()
         K = self.num_codes

@@ -120,4 +120,27 @@ inline float round_to_dtype(float v, DType t) {
   }
 }
 
+// base[offset + i] = src[i] in dtype t (round to nearest even), contiguous destination.
+inline void store_as_dtype(void* base, int64_t offset, const float* src, int64_t count, DType t) {
+  switch (t) {
+    case DType::kFloat16: {
+      uint16_t* dst = static_cast<uint16_t*>(base) + offset;
+      for (int64_t i = 0; i < count; ++i) dst[i] = float_to_half_bits(src[i]);
+      break;
+    }
+    case DType::kBFloat16: {
+      uint16_t* dst = static_cast<uint16_t*>(base) + offset;
+      for (int64_t i = 0; i < count; ++i) dst[i] = float_to_bf16_bits(src[i]);
+      break;
+    }
+    default: std::memcpy(static_cast<float*>(base) + offset, src, size_t(count) * sizeof(float));
+  }
+}
+
+// v[i] = the value v[i] takes once stored in dtype t.
+inline void round_to_dtype_inplace(float* v, int64_t count, DType t) {
+  if (t == DType::kFloat32) return;
+  for (int64_t i = 0; i < count; ++i) v[i] = round_to_dtype(v[i], t);
+}
+
 }  // namespace imgtx
