@@ -15,12 +15,12 @@ namespace py = pybind11;
 
 void register_info(py::module_& m) {
   m.def("cpu_isa", [] { return std::string(cpu_isa_name(active_cpu_isa())); },
-        "The CPU code path in use: 'avx2' (AVX2+FMA) or 'portable'.");
+        "The CPU code path in use: 'avx512' (AVX-512F), 'avx2' (AVX2+FMA) or 'portable'.");
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),
-        "Force the CPU code path ('portable' or 'avx2'); ValueError if unavailable.");
+        "Force the CPU code path ('portable', 'avx2', 'avx512'); ValueError if unavailable.");
   m.def("cpu_isas_available", [] {
     py::list out;
-    for (CpuIsa isa : {CpuIsa::kPortable, CpuIsa::kAvx2})
+    for (CpuIsa isa : {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512})
       if (cpu_isa_supported(isa)) out.append(cpu_isa_name(isa));
     return out;
   });

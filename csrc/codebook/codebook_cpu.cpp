@@ -212,13 +212,13 @@ void reset_codebook_counters() {
 void codebook_lookup_cpu(const CodebookLookupParams& p, int num_threads) {
   validate(p);
   if (p.batch * p.rows == 0) return;
-  if (active_cpu_isa() == CpuIsa::kAvx2) {
-#ifdef IMGTX_HAVE_AVX2
-    codebook_lookup_cpu_avx2(p, num_threads);
-    return;
+  switch (active_cpu_isa()) {
+#ifdef IMGTX_HAVE_X86_KERNELS
+    case CpuIsa::kAvx512: return codebook_lookup_cpu_avx512(p, num_threads);
+    case CpuIsa::kAvx2: return codebook_lookup_cpu_avx2(p, num_threads);
 #endif
+    default: return codebook_lookup_cpu_portable(p, num_threads);
   }
-  codebook_lookup_cpu_portable(p, num_threads);
 }
 
 }  // namespace imgtx

@@ -54,5 +54,6 @@ int64_t code_tiles_per_chunk(int64_t dim, int nr);
 // The ISA-specific entry points (codebook_portable.cpp, codebook_avx2.cpp).
 void codebook_lookup_cpu_portable(const CodebookLookupParams& p, int num_threads);
 void codebook_lookup_cpu_avx2(const CodebookLookupParams& p, int num_threads);
+void codebook_lookup_cpu_avx512(const CodebookLookupParams& p, int num_threads);
 
 }  // namespace imgtx

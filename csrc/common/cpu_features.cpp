@@ -7,23 +7,28 @@
 namespace imgtx {
 namespace {
 
-bool cpu_has_avx2_fma() {
+bool cpu_supports(CpuIsa isa) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == CpuIsa::kAvx2) return avx2;
+  if (isa == CpuIsa::kAvx512) return avx2 && __builtin_cpu_supports("avx512f");
 #endif
+  return isa == CpuIsa::kPortable;
 }
 
 CpuIsa parse(const std::string& name) {
   if (name == "portable") return CpuIsa::kPortable;
   if (name == "avx2") return CpuIsa::kAvx2;
-  throw std::invalid_argument("unknown CPU path '" + name + "' (expected 'portable' or 'avx2')");
+  if (name == "avx512") return CpuIsa::kAvx512;
+  throw std::invalid_argument("unknown CPU path '" + name +
+                              "' (expected 'portable', 'avx2' or 'avx512')");
 }
 
 CpuIsa best_isa() {
-  return cpu_isa_supported(CpuIsa::kAvx2) ? CpuIsa::kAvx2 : CpuIsa::kPortable;
+  for (CpuIsa isa : {CpuIsa::kAvx512, CpuIsa::kAvx2})
+    if (cpu_isa_supported(isa)) return isa;
+  return CpuIsa::kPortable;
 }
 
 CpuIsa initial_isa() {
@@ -44,17 +49,14 @@ std::atomic<int>& isa_slot() {
 
 bool cpu_isa_compiled(CpuIsa isa) {
   if (isa == CpuIsa::kPortable) return true;
-#ifdef IMGTX_HAVE_AVX2
+#ifdef IMGTX_HAVE_X86_KERNELS
   return true;
 #else
   return false;
 #endif
 }
 
-bool cpu_isa_supported(CpuIsa isa) {
-  if (!cpu_isa_compiled(isa)) return false;
-  return isa == CpuIsa::kPortable || cpu_has_avx2_fma();
-}
+bool cpu_isa_supported(CpuIsa isa) { return cpu_isa_compiled(isa) && cpu_supports(isa); }
 
 CpuIsa active_cpu_isa() { return CpuIsa(isa_slot().load()); }
 
@@ -65,6 +67,8 @@ void set_cpu_isa(const std::string& name) {
   isa_slot().store(int(want));
 }
 
-const char* cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::kAvx2 ? "avx2" : "portable"; }
+const char* cpu_isa_name(CpuIsa isa) {
+  return isa == CpuIsa::kAvx512 ? "avx512" : isa == CpuIsa::kAvx2 ? "avx2" : "portable";
+}
 
 }  // namespace imgtx

@@ -5,14 +5,14 @@
 
 namespace imgtx {
 
-enum class CpuIsa : int { kPortable = 0, kAvx2 = 1 };
+enum class CpuIsa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // What this binary was built with and what the running CPU supports.
 bool cpu_isa_compiled(CpuIsa isa);
 bool cpu_isa_supported(CpuIsa isa);
 
 // The path kernels use now: the best supported one, unless the environment variable
-// IMGTX_FAST_CPU_ISA=portable|avx2 or set_cpu_isa() chose another.
+// IMGTX_FAST_CPU_ISA=portable|avx2|avx512 or set_cpu_isa() chose another.
 CpuIsa active_cpu_isa();
 // Throws std::invalid_argument for an unknown name or a path this CPU/binary cannot run.
 void set_cpu_isa(const std::string& name);
