@@ -67,8 +67,10 @@ def test_extension_imports_without_torch():
     assert out.stdout.strip() in ("avx512", "avx2", "portable")
 
 
-def test_info_command():
-    out = subprocess.run([sys.executable, "-m", "imgtx_fast", "info"], capture_output=True, text=True)
+def test_info_command(tmp_path):
+    # cwd away from a source checkout, whose imgtx_fast/ (no _C) would shadow the install
+    out = subprocess.run([sys.executable, "-m", "imgtx_fast", "info"], capture_output=True,
+                         text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for key in ("cpu path", "cuda compiled", "cuda archs", "cpu threads", "cuda devices"):
         assert key in out.stdout
