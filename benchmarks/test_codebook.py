@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -283,7 +284,8 @@ print(json.dumps({"extra_bytes": max(0, hwm1 - base), "hwm_reset": reset, "rss0"
 def _peak_extra(impl, N, K, D, threads):
     proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, impl, str(N), str(K), str(D), str(threads)],
                           capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                          cwd=tempfile.gettempdir())  # a source checkout (no _C) must not shadow the install
     assert proc.returncode == 0, f"memory probe for {impl} failed:\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
