@@ -30,7 +30,9 @@ export MAX_JOBS="${MAX_JOBS:-16}"
 step build build.log "$PY" -m pip install -v --no-build-isolation --no-deps . || {
   printf '%s\n' "${status[@]}"; exit 1; }
 step info info.log "$PY" -m imgtx_fast info
-step "gpu tests" gpu_tests.log "$PY" -m pytest tests -m gpu -v -rs
+# All-skipped is a failure here: it means torch saw no GPU or the build has no CUDA.
+step "gpu tests" gpu_tests.log bash -c "'$PY' -m pytest tests -m gpu -v -rs && \
+  grep -q ' passed' '$OUT/gpu_tests.log'"
 step "cpu tests (smoke)" cpu_tests.log "$PY" -m pytest tests -m "not gpu" -q -x \
   -k "not hypothesis and not compile"
 if command -v compute-sanitizer >/dev/null; then
