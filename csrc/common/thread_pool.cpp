@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <exception>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <vector>
 
@@ -100,9 +101,22 @@ class Pool {
   std::exception_ptr error_;
 };
 
+// Leaked on purpose: joining threads at exit can deadlock. After fork() the child has none of
+// the parent's helper threads (and maybe a mutex a helper held), so it starts a fresh pool;
+// DataLoader workers forked after the parent ran a kernel would otherwise wait forever.
+std::atomic<Pool*> g_pool{nullptr};
+
+void reset_pool_in_child() { g_pool.store(new Pool()); }
+
 Pool& pool() {
-  static Pool* p = new Pool();  // leaked on purpose: joining threads at exit can deadlock
-  return *p;
+  Pool* p = g_pool.load();
+  if (p) return *p;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    g_pool.store(new Pool());
+    pthread_atfork(nullptr, nullptr, reset_pool_in_child);
+  });
+  return *g_pool.load();
 }
 
 }  // namespace
