@@ -19,11 +19,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define IMGTX_HD __host__ __device__ __forceinline__
-#else
-#define IMGTX_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace imgtx {
 namespace codebook {

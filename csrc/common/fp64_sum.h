@@ -7,17 +7,13 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define IMGTX_SUM_HD __host__ __device__ __forceinline__
-#else
-#define IMGTX_SUM_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace imgtx {
 
 constexpr int kSumLanes = 8;
 
-IMGTX_SUM_HD double combine_sum_lanes(const double* s) {
+IMGTX_HD double combine_sum_lanes(const double* s) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
