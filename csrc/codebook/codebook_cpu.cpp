@@ -153,7 +153,7 @@ void count_recheck(bool full_search) {
   (full_search ? g_rows_full_search : g_rows_rechecked).fetch_add(1, std::memory_order_relaxed);
 }
 
-void finalize_row(const CodebookLookupParams& p, int64_t n, int64_t index) {
+void finalize_row(const CodebookLookupParams& p, int64_t n, int64_t index, float* scratch) {
   p.indices[n] = index;
   if (p.counts) __atomic_fetch_add(&p.counts[index], int64_t(1), __ATOMIC_RELAXED);
   if (!p.quantized && !p.sqdist) return;
@@ -174,23 +174,24 @@ void finalize_row(const CodebookLookupParams& p, int64_t n, int64_t index) {
     }
     return;
   }
-  thread_local std::vector<float> z, q;  // per-row scratch without a malloc per row
-  z.resize(size_t(D));
-  q.resize(size_t(D));
+  float* q = scratch;
+  float* z = scratch + D;
   load_strided_as_float(p.codebook, index * p.cb_stride_code, p.cb_stride_dim, D,
-                        p.codebook_dtype, q.data());
+                        p.codebook_dtype, q);
   if (p.metric == CodebookMetric::kCosine) {
     double n2 = 0.0;
-    for (int64_t d = 0; d < D; ++d) n2 += double(q[size_t(d)]) * q[size_t(d)];
+    for (int64_t d = 0; d < D; ++d) n2 += double(q[d]) * q[d];
     const double scale = cosine_scale(n2);
-    for (int64_t d = 0; d < D; ++d) q[size_t(d)] = float(double(q[size_t(d)]) * scale);
+    for (int64_t d = 0; d < D; ++d) q[d] = float(double(q[d]) * scale);
   }
-  round_to_dtype_inplace(q.data(), D, p.z_dtype);  // the value as written
-  if (p.quantized) store_as_dtype(p.quantized, n * D, q.data(), D, p.z_dtype);
+  if (p.quantized)  // q becomes the value as written
+    store_rounded_as_dtype(p.quantized, n * D, q, D, p.z_dtype);
+  else
+    round_to_dtype_inplace(q, D, p.z_dtype);
   if (!p.sqdist) return;
-  load_strided_as_float(p.z, z_offset(p, n), p.z_stride_dim, D, p.z_dtype, z.data());
+  load_strided_as_float(p.z, z_offset(p, n), p.z_stride_dim, D, p.z_dtype, z);
   p.sqdist[n] = float(sum_in_lanes(D, [&](int64_t d) {
-    const double e = double(z[size_t(d)]) - double(q[size_t(d)]);  // exact for floats
+    const double e = double(z[d]) - double(q[d]);  // exact for floats
     return e * e;
   }));
 }

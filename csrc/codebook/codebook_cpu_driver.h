@@ -68,6 +68,7 @@ void codebook_lookup_driver(const CodebookLookupParams& p, int num_threads) {
     std::vector<char> finite;
     std::vector<float> zrow;           // one uncertified row, contiguous
     std::vector<int32_t> candidates;   // its possible exact argmins
+    std::vector<float> out_row;        // finalize_row's scratch
   };
   std::vector<Scratch> scratch(workers);
   for (auto& s : scratch) {
@@ -78,6 +79,7 @@ void codebook_lookup_driver(const CodebookLookupParams& p, int num_threads) {
     s.index.resize(size_t(rows_per_task * NR));
     s.znorm.resize(size_t(rows_per_task));
     s.finite.resize(size_t(rows_per_task));
+    s.out_row.resize(size_t(2 * D));
   }
   const float inf = std::numeric_limits<float>::infinity();
   const auto collect_candidates = [&](const codebook::PackedCodebook& c, const float* z,
@@ -144,7 +146,7 @@ void codebook_lookup_driver(const CodebookLookupParams& p, int num_threads) {
           codebook::count_recheck(true);
         }
       }
-      codebook::finalize_row(p, n, idx);
+      codebook::finalize_row(p, n, idx, s.out_row.data());
     }
   });
 }

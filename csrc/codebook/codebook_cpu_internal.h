@@ -35,8 +35,9 @@ int64_t exact_search_row(const CodebookLookupParams& p, int64_t n, bool row_fini
 // Bumps the process-wide CodebookCounters (relaxed atomics: one add per uncertified row).
 void count_recheck(bool full_search);
 
-// Writes indices[n], quantized[n, :], sqdist[n] and counts[index] for row n.
-void finalize_row(const CodebookLookupParams& p, int64_t n, int64_t index);
+// Writes indices[n], quantized[n, :], sqdist[n] and counts[index] for row n; scratch holds
+// 2 * dim floats.
+void finalize_row(const CodebookLookupParams& p, int64_t n, int64_t index, float* scratch);
 
 // Blocking (measured on a Zen 4 core, fp32 D = 256, K = 8192: 48 rows per task ran at
 // 68-77 GFLOP/s, 384 rows at 93-95, the torch.mm ceiling being 88): a task streams the whole

@@ -120,20 +120,28 @@ inline float round_to_dtype(float v, DType t) {
   }
 }
 
-// base[offset + i] = src[i] in dtype t (round to nearest even), contiguous destination.
-inline void store_as_dtype(void* base, int64_t offset, const float* src, int64_t count, DType t) {
+// base[offset + i] = v[i] in dtype t (round to nearest even, contiguous destination), and
+// v[i] becomes the value as stored: one conversion per element serves both.
+inline void store_rounded_as_dtype(void* base, int64_t offset, float* v, int64_t count,
+                                   DType t) {
   switch (t) {
     case DType::kFloat16: {
       uint16_t* dst = static_cast<uint16_t*>(base) + offset;
-      for (int64_t i = 0; i < count; ++i) dst[i] = float_to_half_bits(src[i]);
+      for (int64_t i = 0; i < count; ++i) {
+        dst[i] = float_to_half_bits(v[i]);
+        v[i] = half_bits_to_float(dst[i]);
+      }
       break;
     }
     case DType::kBFloat16: {
       uint16_t* dst = static_cast<uint16_t*>(base) + offset;
-      for (int64_t i = 0; i < count; ++i) dst[i] = float_to_bf16_bits(src[i]);
+      for (int64_t i = 0; i < count; ++i) {
+        dst[i] = float_to_bf16_bits(v[i]);
+        v[i] = bf16_bits_to_float(dst[i]);
+      }
       break;
     }
-    default: std::memcpy(static_cast<float*>(base) + offset, src, size_t(count) * sizeof(float));
+    default: std::memcpy(static_cast<float*>(base) + offset, v, size_t(count) * sizeof(float));
   }
 }
 
