@@ -379,8 +379,10 @@ __global__ __launch_bounds__(kFinThreads) void finalize_kernel(CodebookLookupPar
       const double scale = w.cosine ? cosine_scale(w.norm2[idx]) : 1.0;
       const int64_t base = int64_t(idx) * p.cb_stride_code;
       auto quantized_at = [&](int64_t d) {  // the code as written, rounded to z's dtype
-        const double cd = LC::load(p.codebook, base + d * p.cb_stride_dim);
-        return __double2float_rn(__dmul_rn(cd, scale));
+        const float cf = LC::load(p.codebook, base + d * p.cb_stride_dim);
+        // l2: the loaded float itself, as the CPU (a NaN code, picked as index 0 for a NaN
+        // row, keeps its bits; the GPU's fp64 round trip would turn it into its canonical NaN).
+        return w.cosine ? __double2float_rn(__dmul_rn(double(cf), scale)) : cf;
       };
       if (p.quantized)
         for (int64_t d = tid; d < D; d += kFinThreads) LZ::store(p.quantized, n * D + d, quantized_at(d));
@@ -450,16 +452,24 @@ Plan make_plan(const CodebookLookupParams& p) {
 
 }  // namespace
 
+namespace {
+// The plan's tile counts are int: refuse sizes that would overflow them.
+void check_cuda_sizes(const CodebookLookupParams& p) {
+  if (p.num_codes > INT_MAX - kBN || p.dim > INT_MAX - kBK)
+    throw std::invalid_argument("codebook_lookup_cuda: num_codes or dim too large");
+}
+}  // namespace
+
 size_t codebook_lookup_cuda_workspace_size(const CodebookLookupParams& p) {
   if (p.batch * p.rows <= 0 || p.num_codes < 1 || p.dim < 1) return 0;
+  check_cuda_sizes(p);
   return make_plan(p).total;
 }
 
 void codebook_lookup_cuda(const CodebookLookupParams& p, void* workspace, void* stream) {
   validate(p);
   if (p.batch * p.rows == 0) return;
-  if (p.num_codes > INT_MAX - kBN || p.dim > INT_MAX - kBK)
-    throw std::invalid_argument("codebook_lookup_cuda: num_codes or dim too large");
+  check_cuda_sizes(p);
   if (!workspace) throw std::invalid_argument("codebook_lookup_cuda: null workspace");
   const Plan q = make_plan(p);
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
