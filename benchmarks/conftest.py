@@ -46,6 +46,8 @@ class BenchResults:
     cases: Dict[Tuple[int, int, int], Dict[str, dict]] = field(default_factory=dict)
     ceiling: Optional[dict] = None   # {"size": M, "gflops": float}
     memory: Optional[dict] = None    # extra_info of test_peak_memory
+    # test_interleaved_ratios: (N, K, D) -> {"ratios": {peer: median ratio}, "ours_ms", "rounds"}
+    interleaved: Dict[Tuple[int, int, int], dict] = field(default_factory=dict)
     # GPU (test_codebook_cuda.py): (dtype, N, K, D) -> impl -> median seconds; dtype -> TFLOP/s
     gpu_cases: Dict[Tuple[str, int, int, int], Dict[str, float]] = field(default_factory=dict)
     gpu_ceiling: Dict[str, float] = field(default_factory=dict)
@@ -132,7 +134,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         _write_memory(tr, results)
         return
     _write_gpu(tr, results)
-    if not (results.cases or results.ceiling or results.memory):
+    if not (results.cases or results.ceiling or results.memory or results.interleaved):
         return
 
     tr.write_sep("-", title)
@@ -173,6 +175,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"mm ceiling: fp32 torch.mm {c['size']}x{c['size']} @ {c['size']}x{c['size']} "
                       f"= {c['gflops']:.1f} GF/s (median)")
     _write_memory(tr, results)
+    for (N, K, D), r in sorted(results.interleaved.items()):
+        parts = ", ".join(f"{peer} {ratio:.2f}x" for peer, ratio in r["ratios"].items())
+        tr.write_line(f"interleaved, median of {r['rounds']} round-robin ratios, N={N} K={K} D={D}: "
+                      f"ours {r['ours_ms']:.1f} ms; peer/ours: {parts}")
     if reduced:
         tr.write_line(f"* timed for fewer rounds: its warm-up call took > {settings.max_call_s:g} s")
 
