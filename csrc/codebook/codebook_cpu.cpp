@@ -36,12 +36,8 @@ std::atomic<int64_t> g_rows_rechecked{0}, g_rows_full_search{0};
 double load_code(const CodebookLookupParams& p, int64_t k, float* tmp, double* out) {
   load_strided_as_float(p.codebook, k * p.cb_stride_code, p.cb_stride_dim, p.dim,
                         p.codebook_dtype, tmp);
-  double n2 = 0.0;
-  for (int64_t d = 0; d < p.dim; ++d) {
-    out[d] = tmp[d];
-    n2 += out[d] * out[d];
-  }
-  return n2;
+  for (int64_t d = 0; d < p.dim; ++d) out[d] = tmp[d];
+  return sum_in_lanes(p.dim, [&](int64_t d) { return out[d] * out[d]; });
 }
 
 int64_t z_offset(const CodebookLookupParams& p, int64_t n) {
@@ -67,23 +63,37 @@ PackedCodebook pack_codebook(const CodebookLookupParams& p, int nr, int num_thre
   const int64_t K = p.num_codes, D = p.dim;
   PackedCodebook cb;
   cb.tiles = (K + nr - 1) / nr;
-  cb.panels.assign(size_t(cb.tiles * D * nr), 0.0f);
-  cb.norm32.assign(size_t(cb.tiles * nr), std::numeric_limits<float>::infinity());
+  // Uninitialised: every slot is written below (packing is most of a call at small N).
+  cb.panels.reset(new float[size_t(cb.tiles * D * nr)]);
+  cb.norm32.resize(size_t(cb.tiles * nr));
   std::vector<double> tile_max(size_t(cb.tiles), 0.0);
   const bool cosine = p.metric == CodebookMetric::kCosine;
   const int workers = parallel_workers(cb.tiles, num_threads);
   std::vector<std::vector<float>> tmp(workers, std::vector<float>(size_t(D)));
-  std::vector<std::vector<double>> code(workers, std::vector<double>(size_t(D)));
   parallel_for(cb.tiles, num_threads, [&](int64_t t, int w) {
-    float* panel = cb.panels.data() + t * D * nr;
+    float* panel = cb.panels.get() + t * D * nr;
+    float* c = tmp[size_t(w)].data();
     for (int l = 0; l < nr; ++l) {
       const int64_t k = t * nr + l;
-      if (k >= K) break;
-      const double n2 = load_code(p, k, tmp[w].data(), code[w].data());
-      if (!std::isfinite(n2)) continue;  // dead slot: zeros, norm +inf
-      const double scale = cosine ? cosine_scale(n2) : 1.0;
-      for (int64_t d = 0; d < D; ++d) panel[d * nr + l] = float(code[w][size_t(d)] * scale);
-      cb.norm32[size_t(t * nr + l)] = cosine ? 0.0f : float(n2);
+      double n2 = std::numeric_limits<double>::infinity();  // padding slots are dead too
+      if (k < K) {
+        load_strided_as_float(p.codebook, k * p.cb_stride_code, p.cb_stride_dim, D,
+                              p.codebook_dtype, c);
+        n2 = sum_in_lanes(D, [&](int64_t d) { return double(c[d]) * double(c[d]); });
+      }
+      float& norm = cb.norm32[size_t(t * nr + l)];
+      if (!std::isfinite(n2)) {  // dead slot: zeros, norm +inf, never picked
+        for (int64_t d = 0; d < D; ++d) panel[d * nr + l] = 0.0f;
+        norm = std::numeric_limits<float>::infinity();
+        continue;
+      }
+      if (cosine) {
+        const double scale = cosine_scale(n2);
+        for (int64_t d = 0; d < D; ++d) panel[d * nr + l] = float(double(c[d]) * scale);
+      } else {
+        for (int64_t d = 0; d < D; ++d) panel[d * nr + l] = c[d];
+      }
+      norm = cosine ? 0.0f : float(n2);
       tile_max[size_t(t)] = std::max(tile_max[size_t(t)], std::sqrt(n2));
     }
   });
@@ -167,9 +177,8 @@ void finalize_row(const CodebookLookupParams& p, int64_t n, int64_t index, float
   const bool copy_code = p.metric == CodebookMetric::kL2 && p.codebook_dtype == p.z_dtype &&
                          p.cb_stride_dim == 1;
   if (p.metric == CodebookMetric::kCosine) {
-    double n2 = 0.0;
-    for (int64_t d = 0; d < D; ++d) n2 += double(q[d]) * q[d];
-    const double scale = cosine_scale(n2);
+    const double n2 = sum_in_lanes(D, [&](int64_t d) { return double(q[d]) * double(q[d]); });
+    const double scale = cosine_scale(n2);  // the same n2 as load_code's
     for (int64_t d = 0; d < D; ++d) q[d] = float(double(q[d]) * scale);
   }
   if (copy_code && p.quantized) {

@@ -38,7 +38,7 @@ void collect_candidates_impl(const codebook::PackedCodebook& cb, const float* z,
   for (int64_t d = 0; d < D; ++d) zrow[size_t(d)] = z[d * MR];
   out.clear();
   for (int64_t j = 0; j < cb.tiles; ++j) {
-    const float* b = cb.panels.data() + j * D * NR;
+    const float* b = cb.panels.get() + j * D * NR;
     float acc[NR] = {};
     for (int64_t d = 0; d < D; ++d)
       for (int l = 0; l < NR; ++l) acc[l] += zrow[size_t(d)] * b[d * NR + l];
@@ -106,7 +106,7 @@ void codebook_lookup_driver(const CodebookLookupParams& p, int num_threads) {
         const bool first = d0 == 0, last = d0 + len == D;
         // Code tile outer, row micro-tile inner: the code tile's slice stays in L1.
         for (int64_t j = j0; j < j1; ++j) {
-          const float* b = cb.panels.data() + j * D * NR + d0 * NR;
+          const float* b = cb.panels.get() + j * D * NR + d0 * NR;
           for (int64_t i = 0; i < micro_tiles; ++i) {
             float* partial = last && first ? nullptr
                                            : s.partial.data() + ((j - j0) * micro_tiles + i) * MR * NR;

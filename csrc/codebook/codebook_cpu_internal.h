@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "imgtx/codebook.h"
@@ -15,7 +16,7 @@ namespace codebook {
 // zeros with norm +inf, so their score is +inf and they are never picked.
 struct PackedCodebook {
   int64_t tiles = 0;
-  std::vector<float> panels;  // tiles * D * NR
+  std::unique_ptr<float[]> panels;  // tiles * D * NR
   std::vector<float> norm32;  // tiles * NR: |c|^2 (l2) or 0 (cosine), +inf for dead slots
   double norm_max = 0.0;      // max |c| over finite codes (1 for cosine): the error bound's C
 };

@@ -4,8 +4,8 @@
 //                contiguous range of code tiles, and writes a per-row (best, second, index).
 //   3. finalize: one block per row: merges the code ranges, certifies the fp32 argmin
 //                (certify.h) or re-searches the row in float64, then writes every output.
-// The fp64 parts mirror codebook_cpu.cpp operation by operation (same sequential summation
-// order, no FMA contraction) so both backends give bit-identical outputs.
+// The fp64 parts mirror codebook_cpu.cpp operation by operation (the summation order of
+// common/fp64_sum.h, no FMA contraction) so both backends give bit-identical outputs.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -115,7 +115,7 @@ __device__ __forceinline__ void merge_top2(float& best, float& second, int& idx,
 struct Work {
   float* packed;             // [Dpad][Kpad] fp32 codes (unit codes for cosine), 0 for dead ones
   float* norm32;             // [Kpad] |c|^2 as fp32 (0 for cosine); +inf for dead/padding codes
-  double* norm2;             // [Kpad] |c|^2 in fp64, summed in order (non-finite: dead code)
+  double* norm2;             // [Kpad] |c|^2 in fp64, canonical order (non-finite: dead code)
   unsigned long long* cmax;  // C = max |c| over finite codes, as the bits of a double
   float* pbest;              // [splits][N] per code range: best score,
   float* psecond;            //   second-best score,
@@ -130,7 +130,7 @@ __device__ __forceinline__ int64_t z_offset(const CodebookLookupParams& p, int64
 }
 
 // ---- 1. pack -----------------------------------------------------------------------------
-// One thread per code: the fp64 norm is a sequential sum, like the CPU's.
+// One thread per code: the fp64 norm is summed in common/fp64_sum.h's order, like the CPU's.
 template <class LC>
 __global__ __launch_bounds__(kPackThreads) void pack_codebook_kernel(CodebookLookupParams p,
                                                                      Work w) {
@@ -139,13 +139,18 @@ __global__ __launch_bounds__(kPackThreads) void pack_codebook_kernel(CodebookLoo
   float* col = w.packed + k;
   const int64_t base = k * p.cb_stride_code, D = p.dim;
   double n2 = __longlong_as_double(0x7ff8000000000000LL);  // padding codes: NaN = dead
-  if (k < p.num_codes) {
-    n2 = 0.0;
-#pragma unroll 4
-    for (int64_t d = 0; d < D; ++d) {
-      const double v = LC::load(p.codebook, base + d * p.cb_stride_dim);
-      n2 = __dadd_rn(n2, __dmul_rn(v, v));  // v*v is exact; the order is what matters
+  if (k < p.num_codes) {  // |c|^2 in the canonical order of common/fp64_sum.h, as the CPU
+    double s[kSumLanes] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    for (int64_t d0 = 0; d0 < D; d0 += kSumLanes) {
+#pragma unroll
+      for (int l = 0; l < kSumLanes; ++l) {
+        if (d0 + l < D) {
+          const double v = LC::load(p.codebook, base + (d0 + l) * p.cb_stride_dim);
+          s[l] = __dadd_rn(s[l], __dmul_rn(v, v));  // v*v is exact; the order is what matters
+        }
+      }
     }
+    n2 = combine_sum_lanes(s);
   }
   w.norm2[k] = n2;
   if (isfinite(n2)) {
