@@ -99,6 +99,7 @@ def test_leading_shapes_and_strides(cpu_isa):
         "3 levels": torch.randn(4, 3, 5, 12, generator=g)[:, :, ::2],  # needs a copy
         "1-D": torch.randn(12, generator=g),
         "expanded": torch.randn(1, 12, generator=g).expand(9, 12),
+        "broadcast along dim": torch.randn(7, 1, generator=g).expand(7, 12),  # stride 0
     }
     for name, z in views.items():
         out = codebook_lookup(z, c, return_stats=True)

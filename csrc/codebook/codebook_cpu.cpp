@@ -24,7 +24,6 @@ void validate(const CodebookLookupParams& p) {
   if (p.num_codes > std::numeric_limits<int32_t>::max()) fail("more than 2^31 - 1 codes");
   if (p.batch * p.rows > 0 && (!p.z || !p.indices)) fail("null z or indices pointer");
   if (!p.codebook) fail("null codebook pointer");
-  if (p.z_stride_dim == 0 && p.dim > 1) fail("z has a zero stride along dim");
 }
 
 namespace codebook {
