@@ -180,14 +180,16 @@ void finalize_row(const CodebookLookupParams& p, int64_t n, int64_t index, float
     const double scale = cosine_scale(n2);  // the same n2 as load_code's
     for (int64_t d = 0; d < D; ++d) q[d] = float(double(q[d]) * scale);
   }
-  if (copy_code && p.quantized) {
-    const size_t bytes = size_t(dtype_size(p.z_dtype));
-    std::memcpy(static_cast<char*>(p.quantized) + size_t(n * D) * bytes,
-                static_cast<const char*>(p.codebook) + size_t(index * p.cb_stride_code) * bytes,
-                size_t(D) * bytes);
+  if (copy_code) {  // q is already the value as written
+    if (p.quantized) {
+      const size_t bytes = size_t(dtype_size(p.z_dtype));
+      std::memcpy(static_cast<char*>(p.quantized) + size_t(n * D) * bytes,
+                  static_cast<const char*>(p.codebook) + size_t(index * p.cb_stride_code) * bytes,
+                  size_t(D) * bytes);
+    }
   } else if (p.quantized) {  // q becomes the value as written
     store_rounded_as_dtype(p.quantized, n * D, q, D, p.z_dtype);
-  } else if (!copy_code) {
+  } else {
     round_to_dtype_inplace(q, D, p.z_dtype);
   }
   if (!p.sqdist) return;

@@ -51,10 +51,6 @@ void validate(const CodebookLookupParams& p);
 // O(threads * block) scratch; never an N x K buffer.
 void codebook_lookup_cpu(const CodebookLookupParams& p, int num_threads);
 
-// CUDA: all pointers are device pointers; `workspace` is a device buffer of at least
-// codebook_lookup_cuda_workspace_size(p) bytes, 256-byte aligned (the caller allocates it,
-// so it comes from the framework's caching allocator). Asynchronous on `stream`; launch
-// errors are thrown as std::runtime_error. Capturable in a CUDA graph.
 // Process-wide counters of the CPU path's exactness machinery (for tests and benchmarks):
 // rows whose fp32 argmin was not certified and were re-checked over a few candidates, and rows
 // re-searched over every code (non-finite rows, possible fp32 overflow).
@@ -65,6 +61,10 @@ struct CodebookCounters {
 CodebookCounters codebook_counters();
 void reset_codebook_counters();
 
+// CUDA: all pointers are device pointers; `workspace` is a device buffer of at least
+// codebook_lookup_cuda_workspace_size(p) bytes, 256-byte aligned (the caller allocates it,
+// so it comes from the framework's caching allocator). Asynchronous on `stream`; launch
+// errors are thrown as std::runtime_error. Capturable in a CUDA graph.
 size_t codebook_lookup_cuda_workspace_size(const CodebookLookupParams& p);
 void codebook_lookup_cuda(const CodebookLookupParams& p, void* workspace, void* stream);
 

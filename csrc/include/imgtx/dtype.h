@@ -9,9 +9,6 @@ namespace imgtx {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
-inline const char* dtype_name(DType t) {
-  return t == DType::kFloat32 ? "float32" : t == DType::kFloat16 ? "float16" : "bfloat16";
-}
 
 // IEEE binary16 <-> binary32, exact in the widening direction, round-to-nearest-even narrowing.
 inline float half_bits_to_float(uint16_t h) {
@@ -72,22 +69,6 @@ inline uint16_t float_to_bf16_bits(float f) {
   if ((x & 0x7fffffffu) > 0x7f800000u) return uint16_t((x >> 16) | 0x40u);  // quiet nan
   x += 0x7fffu + ((x >> 16) & 1u);
   return uint16_t(x >> 16);
-}
-
-inline float load_as_float(const void* base, int64_t i, DType t) {
-  switch (t) {
-    case DType::kFloat16: return half_bits_to_float(static_cast<const uint16_t*>(base)[i]);
-    case DType::kBFloat16: return bf16_bits_to_float(static_cast<const uint16_t*>(base)[i]);
-    default: return static_cast<const float*>(base)[i];
-  }
-}
-
-inline void store_from_float(void* base, int64_t i, DType t, float v) {
-  switch (t) {
-    case DType::kFloat16: static_cast<uint16_t*>(base)[i] = float_to_half_bits(v); break;
-    case DType::kBFloat16: static_cast<uint16_t*>(base)[i] = float_to_bf16_bits(v); break;
-    default: static_cast<float*>(base)[i] = v;
-  }
 }
 
 // out[i] = float(base[offset + i * stride]) for i < count; the dtype switch sits outside the loop.
