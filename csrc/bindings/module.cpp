@@ -6,4 +6,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "imgtx_fast compiled core (framework-free: pointers, sizes, strides, streams)";
   imgtx::bindings::register_info(m);
   imgtx::bindings::register_codebook(m);
+  imgtx::bindings::register_diffusion(m);
 }

@@ -1,0 +1,117 @@
+// Width-generic SIMD over GCC/Clang vector extensions, for element-wise kernels.
+//
+// Why vector extensions instead of intrinsics: the same source is compiled once per ISA file
+// (portable / -mavx2 -mfma / -mavx512f) and the compiler maps Vec<16> onto zmm registers,
+// Vec<8> onto ymm or SSE/NEON pairs. Hot loops that need a specific instruction (the codebook
+// micro-kernels) use intrinsics instead; exp/log/reductions do not.
+//
+// exp and log are our own polynomials (Cephes' single-precision minimax coefficients, ~1 ulp
+// on the ranges used) because libm's vector variants live in libmvec, a shared library the
+// compiled core must not depend on.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace imgtx {
+namespace simd {
+
+template <int W>
+struct Vec {
+  typedef float F __attribute__((vector_size(4 * W)));
+  typedef int32_t I __attribute__((vector_size(4 * W)));
+  typedef double D __attribute__((vector_size(8 * W)));
+};
+
+template <int W>
+inline typename Vec<W>::F load(const float* p) {
+  typename Vec<W>::F v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int W>
+inline void store(float* p, typename Vec<W>::F v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <int W>
+inline typename Vec<W>::F splat(float x) {
+  return typename Vec<W>::F{} + x;
+}
+
+template <class V>
+inline float hmax(V v, int W) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+template <class V>
+inline double hsum(V v, int W) {
+  double s = 0.0;
+  for (int i = 0; i < W; ++i) s += double(v[i]);
+  return s;
+}
+
+// exp(x) for x <= 0-ish inputs of softmax: results below FLT_MIN flush to 0 (-inf -> 0).
+template <int W>
+inline typename Vec<W>::F exp(typename Vec<W>::F x) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::I I;
+  const I tiny = x < -87.33654f;
+  x = x > 88.3762626647949f ? splat<W>(88.3762626647949f) : x;
+  x = x < -87.33654f ? splat<W>(-87.33654f) : x;
+  const F shifter = splat<W>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const F n = (x * 1.44269504088896341f + shifter) - shifter;
+  F r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  const F r2 = r * r;
+  F p = splat<W>(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r2 + r + 1.0f;
+  const I e = (__builtin_convertvector(n, I) + 127) << 23;
+  F scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  const F y = p * scale;
+  return tiny ? F{} : y;
+}
+
+// log(x) for positive normal x (callers clamp to FLT_MIN first).
+template <int W>
+inline typename Vec<W>::F log(typename Vec<W>::F x) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::I I;
+  I bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  I e = ((bits >> 23) & 0xff) - 126;
+  bits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  F m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const I small = m < 0.707106781186547524f;  // move to [sqrt(1/2), sqrt(2))
+  e = small ? e - 1 : e;
+  m = small ? m + m : m;
+  const F f = m - 1.0f;
+  const F z = f * f;
+  F p = splat<W>(7.0376836292E-2f);
+  p = p * f - 1.1514610310E-1f;
+  p = p * f + 1.1676998740E-1f;
+  p = p * f - 1.2420140846E-1f;
+  p = p * f + 1.4249322787E-1f;
+  p = p * f - 1.6668057665E-1f;
+  p = p * f + 2.0000714765E-1f;
+  p = p * f - 2.4999993993E-1f;
+  p = p * f + 3.3333331174E-1f;
+  const F fe = __builtin_convertvector(e, F);
+  F y = p * f * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return f + y + fe * 0.693359375f;
+}
+
+}  // namespace simd
+}  // namespace imgtx

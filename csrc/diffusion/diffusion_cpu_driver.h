@@ -1,0 +1,384 @@
+// The CPU mask-and-replace kernels, templated on the SIMD width W.
+//
+// Included by one .cpp per ISA, each inside its own namespace (IMGTX_CPU_NS), so the -mavx512f
+// instantiation never merges with the portable one at link time.
+//
+// Work split: a task is a run of consecutive tokens of one sample; a worker copies a token's K
+// logits into an L1/L2-resident scratch row (converting the dtype and gathering any stride),
+// then makes its passes over that row: max, exp + sum, optional truncation, and the op's
+// final pass (an inverse-CDF scan for sampling, log pi for log-probs, log/reciprocal sums for
+// the loss). Extra memory: 2 rows of K floats per worker. The scalar math shared with CUDA is
+// in mr_token_math.h.
+#pragma once
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common/philox.h"
+#include "common/simd.h"
+#include "common/thread_pool.h"
+#include "diffusion/diffusion_cpu_internal.h"
+#include "diffusion/mr_token_math.h"
+
+namespace imgtx {
+namespace IMGTX_CPU_NS {
+namespace {
+
+using mr::TokenCoefs;
+
+template <int W>
+struct Kernels {
+  typedef typename simd::Vec<W>::F F;
+  typedef typename simd::Vec<W>::I I;
+  typedef typename simd::Vec<W>::D D;
+
+  static constexpr float kInf = std::numeric_limits<float>::infinity();
+
+  // Lane i of the result is true for lanes whose class index i0 + i is < K.
+  static I live_lanes(int64_t i0, int64_t K) {
+    I idx;
+    for (int i = 0; i < W; ++i) idx[i] = i;
+    return idx < int32_t(K - i0 < W ? K - i0 : W);
+  }
+
+  // max over the row and whether it holds NaN or +Inf; padding lanes hold -inf.
+  static float row_max(const float* l, int64_t Kp, bool* bad) {
+    F m = simd::splat<W>(-kInf);
+    I b = I{};
+    for (int64_t i = 0; i < Kp; i += W) {
+      const F v = simd::load<W>(l + i);
+      m = v > m ? v : m;
+      b |= (v != v) | (v == kInf);
+    }
+    bool any = false;
+    for (int i = 0; i < W; ++i) any |= b[i] != 0;
+    *bad = any;
+    return simd::hmax(m, W);
+  }
+
+  // e = exp(l - M); returns sum(e) accumulated in float64.
+  static double exp_row(const float* l, float M, int64_t Kp, float* e) {
+    D acc = D{};
+    for (int64_t i = 0; i < Kp; i += W) {
+      const F v = simd::exp<W>(simd::load<W>(l + i) - M);
+      simd::store<W>(e + i, v);
+      acc += __builtin_convertvector(v, D);
+    }
+    return simd::hsum(acc, W);
+  }
+
+  // sum of e_j over j with bits(e_j) > u (e >= 0, so integer order is value order).
+  static double mass_above(const float* e, int64_t Kp, int32_t u) {
+    D acc = D{};
+    for (int64_t i = 0; i < Kp; i += W) {
+      const F v = simd::load<W>(e + i);
+      I bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      acc += __builtin_convertvector(bits > u ? v : F{}, D);
+    }
+    return simd::hsum(acc, W);
+  }
+
+  // Top-r truncation (spec): keeps { j : bits(e_j) >= u0 } with u0 the smallest u such that
+  // the mass strictly above u is < threshold = r * P; zeroes the rest and returns the kept
+  // mass. Bisection over the bit patterns: ~30 vector passes over an L1/L2-resident row.
+  static double truncate(float* e, int64_t Kp, double threshold) {
+    int64_t lo = -1, hi = 0x3f800000;  // mass_above(-1) = P >= threshold; mass_above(1.0) = 0
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (mass_above(e, Kp, int32_t(mid)) < threshold) hi = mid; else lo = mid;
+    }
+    const int32_t u0 = int32_t(hi);
+    D acc = D{};
+    for (int64_t i = 0; i < Kp; i += W) {
+      F v = simd::load<W>(e + i);
+      I bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      v = bits >= u0 ? v : F{};
+      simd::store<W>(e + i, v);
+      acc += __builtin_convertvector(v, D);
+    }
+    return simd::hsum(acc, W);
+  }
+
+  // First j with cumulative sum of e (float64, in index order) > target; the last class with
+  // e > 0 if rounding runs past the end.
+  static int64_t scan(const float* e, int64_t K, double target) {
+    constexpr int64_t kChunk = 4 * W;
+    double cum = 0.0;
+    int64_t j = 0;
+    for (; j + kChunk <= K; j += kChunk) {
+      D acc = __builtin_convertvector(simd::load<W>(e + j), D);
+      for (int c = 1; c < 4; ++c) acc += __builtin_convertvector(simd::load<W>(e + j + c * W), D);
+      const double cs = simd::hsum(acc, W);
+      if (cum + cs > target) break;
+      cum += cs;
+    }
+    for (; j < K; ++j) {
+      cum += double(e[j]);
+      if (e[j] > 0.f && cum > target) return j;
+    }
+    for (j = K - 1; j > 0 && !(e[j] > 0.f); --j) {}
+    return j;
+  }
+
+  // Copies token (b, n) of L into l[0, K) as float and pads l[K, Kp) with -inf.
+  static void load_token(const MrLogits& L, int64_t b, int64_t n, int64_t K, int64_t Kp,
+                         float* l) {
+    load_strided_as_float(L.data, b * L.stride_batch + n * L.stride_token, L.stride_class, K,
+                          L.dtype, l);
+    for (int64_t i = K; i < Kp; ++i) l[i] = -kInf;
+  }
+
+  // ---- reverse step -----------------------------------------------------------------------
+  static int posterior_token(const MrPosteriorParams& p, int64_t b, int64_t n, uint64_t seed,
+                             float* l, float* e) {
+    const int64_t K = p.num_classes, N = p.tokens, Kp = padded(K, W);
+    const int64_t xt = p.x_t.data[b * p.x_t.stride_batch + n * p.x_t.stride_token];
+    load_token(p.logp, b, n, K, Kp, l);
+    if (p.logp_uncond.data) {  // l = l_u + s (l_c - l_u), via e as the second row
+      load_token(p.logp_uncond, b, n, K, Kp, e);
+      const float s = p.guidance_scale;
+      for (int64_t i = 0; i < Kp; i += W) {
+        const F lu = simd::load<W>(e + i), lc = simd::load<W>(l + i);
+        simd::store<W>(l + i, lu + s * (lc - lu));
+      }
+      for (int64_t i = K; i < Kp; ++i) l[i] = -kInf;  // inf - inf in the padding
+    }
+    bool bad_logits;
+    const float M = row_max(l, Kp, &bad_logits);
+    bad_logits |= M == -kInf;
+    const bool bad_index = xt < 0 || xt > K;
+    if (bad_logits || bad_index) {
+      write_bad_posterior(p, b, n);
+      return (bad_logits ? kMrBadLogits : 0) | (bad_index ? kMrBadIndex : 0);
+    }
+    double P = exp_row(l, M, Kp, e);
+    const bool truncating = p.truncation_rate < 1.f;
+    if (truncating) P = truncate(e, Kp, double(p.truncation_rate) * P);
+    TokenCoefs k = mr::token_coefs(p.coefs + b * kMrCoefs, xt, K);
+    const double p_s = k.s >= 0 ? double(e[k.s]) : 0.0;
+    if (p.x_prev) {
+      double u0, u1;
+      philox_uniform2(seed, uint64_t(b * N + n), kMrStreamPosterior, &u0, &u1);
+      const mr::SampleChoice c = mr::choose(k, K, P, p_s, u0, u1);
+      int64_t idx = c.index;
+      if (idx < 0) {
+        if (k.s >= 0) e[k.s] = float(double(e[k.s]) * c.scan_special_factor);
+        idx = scan(e, K, c.scan_target);
+      }
+      p.x_prev[b * N + n] = idx;
+      return kMrOk;
+    }
+    // normalised log-probabilities
+    const double Y = mr::token_y(k, P, p_s);
+    mr::normalise(&k, Y);
+    const double log_pi_total = std::log(mr::pi_total(k, K, P, p_s, Y));
+    if (k.v_g == 0.0) {  // t = 0: log(u p_j) computed in log space, so nothing underflows
+      const float shift = float(std::log(k.u_g) - log_pi_total) - M;
+      for (int64_t i = 0; i < Kp; i += W) {
+        const F v = simd::load<W>(l + i) + shift;
+        const I kept = simd::load<W>(e + i) > 0.f;
+        simd::store<W>(l + i, truncating ? (kept ? v : simd::splat<W>(-kInf)) : v);
+      }
+    } else {
+      const float ug = float(k.u_g), vy = float(k.v_g * Y), lp = float(log_pi_total);
+      for (int64_t i = 0; i < Kp; i += W) {
+        F pi = ug * simd::load<W>(e + i) + vy;
+        pi = pi > mr::kPiFloor ? pi : simd::splat<W>(mr::kPiFloor);
+        simd::store<W>(l + i, simd::log<W>(pi) - lp);
+      }
+    }
+    if (k.s >= 0 && k.v_g != 0.0) {  // x_t's own class (the t = 0 branch needs no fix-up)
+      const double pis = k.u_s * p_s + k.v_s * Y;
+      l[k.s] = pis > 0.0 ? float(std::log(pis) - log_pi_total) : -kInf;
+    }
+    float* out = p.log_probs + b * p.out_stride_batch + n * p.out_stride_token;
+    for (int64_t j = 0; j < K; ++j) out[j * p.out_stride_class] = l[j];
+    out[K * p.out_stride_class] =
+        k.w > 0.0 ? float(std::log(k.w * Y) - log_pi_total) : -kInf;
+    return kMrOk;
+  }
+
+  static void write_bad_posterior(const MrPosteriorParams& p, int64_t b, int64_t n) {
+    if (p.x_prev) {
+      p.x_prev[b * p.tokens + n] = -1;
+      return;
+    }
+    float* out = p.log_probs + b * p.out_stride_batch + n * p.out_stride_token;
+    for (int64_t j = 0; j <= p.num_classes; ++j)
+      out[j * p.out_stride_class] = std::numeric_limits<float>::quiet_NaN();
+  }
+
+  // ---- training loss: forward ---------------------------------------------------------------
+  static int vb_forward_token(const MrVbParams& p, int64_t b, int64_t n, float* l, float* e) {
+    const int64_t K = p.num_classes, N = p.tokens, Kp = padded(K, W), tok = b * N + n;
+    const int64_t x0 = p.x0.data[b * p.x0.stride_batch + n * p.x0.stride_token];
+    const int64_t xt = p.x_t.data[b * p.x_t.stride_batch + n * p.x_t.stride_token];
+    double* saved = p.saved + tok * kMrVbSaved;
+    load_token(p.logits, b, n, K, Kp, l);
+    bool bad_logits;
+    const float M = row_max(l, Kp, &bad_logits);
+    bad_logits |= M == -kInf;
+    const bool bad_index = x0 < 0 || x0 >= K || xt < 0 || xt > K;
+    if (bad_logits || bad_index) {
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      p.loss_vb[tok] = p.loss_aux[tok] = nan;
+      for (int i = 0; i < kMrVbSaved; ++i) saved[i] = double(nan);
+      return (bad_logits ? kMrBadLogits : 0) | (bad_index ? kMrBadIndex : 0);
+    }
+    const double P = exp_row(l, M, Kp, e);
+    const double ce = std::log(P) - (double(l[x0]) - double(M));
+    p.loss_aux[tok] = float(ce);
+    TokenCoefs k = mr::token_coefs(p.coefs + b * kMrCoefs, xt, K);
+    saved[0] = double(M);
+    saved[1] = P;
+    if (k.t0) {
+      p.loss_vb[tok] = float(ce);
+      saved[2] = saved[3] = saved[4] = saved[5] = 0.0;
+      return kMrOk;
+    }
+    const double p_s = k.s >= 0 ? double(e[k.s]) : 0.0;
+    const double Y = mr::token_y(k, P, p_s);
+    mr::normalise(&k, Y);
+    const double Pi = mr::pi_total(k, K, P, p_s, Y);
+    const float ug = float(k.u_g), vy = float(k.v_g * Y);
+    D acc_log = D{}, acc_inv = D{};
+    for (int64_t i = 0; i < Kp; i += W) {
+      F pi = ug * simd::load<W>(e + i) + vy;
+      pi = pi > mr::kPiFloor ? pi : simd::splat<W>(mr::kPiFloor);
+      F lg = simd::log<W>(pi), inv = 1.0f / pi;
+      if (i + W > K) {  // padding lanes contribute nothing
+        const I live = live_lanes(i, K);
+        lg = live ? lg : F{};
+        inv = live ? inv : F{};
+      }
+      acc_log += __builtin_convertvector(lg, D);
+      acc_inv += __builtin_convertvector(inv, D);
+    }
+    const mr::KlOut o = mr::kl_finish(k, K, x0, double(e[x0]), p_s, Y, Pi,
+                                      simd::hsum(acc_log, W), simd::hsum(acc_inv, W));
+    p.loss_vb[tok] = float(o.kl);
+    saved[2] = Y;
+    saved[3] = Pi;
+    saved[4] = o.T;
+    saved[5] = 0.0;
+    return kMrOk;
+  }
+
+  // ---- training loss: backward ---------------------------------------------------------------
+  static void vb_backward_token(const MrVbParams& p, int64_t b, int64_t n, float* l, float* e) {
+    const int64_t K = p.num_classes, N = p.tokens, Kp = padded(K, W), tok = b * N + n;
+    const int64_t x0 = p.x0.data[b * p.x0.stride_batch + n * p.x0.stride_token];
+    const int64_t xt = p.x_t.data[b * p.x_t.stride_batch + n * p.x_t.stride_token];
+    const double* saved = p.saved + tok * kMrVbSaved;
+    const int64_t out0 = b * p.grad_stride_batch + n * p.grad_stride_token;
+    const double g_vb = p.grad_vb ? double(p.grad_vb[tok]) : 0.0;
+    const double g_aux = p.grad_aux ? double(p.grad_aux[tok]) : 0.0;
+    if (std::isnan(saved[0])) {
+      for (int64_t j = 0; j < K; ++j) e[j] = std::numeric_limits<float>::quiet_NaN();
+      store_strided(p, out0, e);
+      return;
+    }
+    const float M = float(saved[0]);
+    const double P = saved[1], Y = saved[2], Pi = saved[3], T = saved[4];
+    load_token(p.logits, b, n, K, Kp, l);
+    exp_row(l, M, Kp, e);  // the same p_j as the forward pass
+    TokenCoefs k = mr::token_coefs(p.coefs + b * kMrCoefs, xt, K);
+    if (!k.t0) mr::normalise(&k, Y);
+    const mr::GradCoefs gc = mr::grad_coefs(k, K, x0, P, Y, Pi, T, g_vb, g_aux);
+    const float c1 = float(gc.c1), c2 = float(gc.c2), ug = float(k.u_g), vy = float(k.v_g * Y);
+    const double p_x0 = double(e[x0]), p_s = k.s >= 0 ? double(e[k.s]) : 0.0;
+    if (c2 == 0.f) {
+      for (int64_t i = 0; i < Kp; i += W) simd::store<W>(l + i, simd::load<W>(e + i) * c1);
+    } else {
+      for (int64_t i = 0; i < Kp; i += W) {
+        const F pv = simd::load<W>(e + i);
+        F pi = ug * pv + vy;
+        pi = pi > mr::kPiFloor ? pi : simd::splat<W>(mr::kPiFloor);
+        simd::store<W>(l + i, pv * (c1 - c2 / pi));
+      }
+    }
+    l[x0] = float(mr::special_grad(k, K, x0, x0, p_x0, P, Y, Pi, T, g_vb, g_aux));
+    if (k.s >= 0 && k.s != x0)
+      l[k.s] = float(mr::special_grad(k, K, x0, k.s, p_s, P, Y, Pi, T, g_vb, g_aux));
+    store_strided(p, out0, l);
+  }
+
+  static void store_strided(const MrVbParams& p, int64_t offset, float* v) {
+    const int64_t K = p.num_classes, sc = p.grad_stride_class;
+    switch (p.logits.dtype) {
+      case DType::kFloat16: {
+        uint16_t* dst = static_cast<uint16_t*>(p.grad_logits) + offset;
+        for (int64_t j = 0; j < K; ++j) dst[j * sc] = float_to_half_bits(v[j]);
+        break;
+      }
+      case DType::kBFloat16: {
+        uint16_t* dst = static_cast<uint16_t*>(p.grad_logits) + offset;
+        for (int64_t j = 0; j < K; ++j) dst[j * sc] = float_to_bf16_bits(v[j]);
+        break;
+      }
+      default: {
+        float* dst = static_cast<float*>(p.grad_logits) + offset;
+        for (int64_t j = 0; j < K; ++j) dst[j * sc] = v[j];
+      }
+    }
+  }
+};
+
+// Runs token_fn(b, n, l, e) over every token with per-worker scratch rows; ORs the statuses.
+template <int W, class TokenFn>
+int for_each_token(int64_t batch, int64_t tokens, int64_t K, int num_threads, TokenFn token_fn) {
+  const int64_t per_task = tokens_per_task(batch, tokens, num_threads);
+  const int64_t tasks_per_sample = (tokens + per_task - 1) / per_task;
+  const int64_t tasks = batch * tasks_per_sample;
+  const int64_t Kp = padded(K, W);
+  const int workers = parallel_workers(tasks, num_threads);
+  std::vector<float> scratch(size_t(workers) * size_t(2 * Kp));
+  std::atomic<int> status{0};
+  parallel_for(tasks, num_threads, [&](int64_t task, int worker) {
+    float* l = scratch.data() + size_t(worker) * size_t(2 * Kp);
+    float* e = l + Kp;
+    const int64_t b = task / tasks_per_sample;
+    const int64_t n0 = (task % tasks_per_sample) * per_task;
+    const int64_t n1 = n0 + per_task < tokens ? n0 + per_task : tokens;
+    int local = 0;
+    for (int64_t n = n0; n < n1; ++n) local |= token_fn(b, n, l, e);
+    if (local) status.fetch_or(local, std::memory_order_relaxed);
+  });
+  return status.load();
+}
+
+}  // namespace
+
+template <int W>
+int mr_posterior_driver(const MrPosteriorParams& p, int num_threads) {
+  const uint64_t seed = p.seed ? uint64_t(*p.seed) : 0;
+  return for_each_token<W>(p.batch, p.tokens, p.num_classes, num_threads,
+                           [&](int64_t b, int64_t n, float* l, float* e) {
+                             return Kernels<W>::posterior_token(p, b, n, seed, l, e);
+                           });
+}
+
+template <int W>
+int mr_vb_forward_driver(const MrVbParams& p, int num_threads) {
+  return for_each_token<W>(p.batch, p.tokens, p.num_classes, num_threads,
+                           [&](int64_t b, int64_t n, float* l, float* e) {
+                             return Kernels<W>::vb_forward_token(p, b, n, l, e);
+                           });
+}
+
+template <int W>
+void mr_vb_backward_driver(const MrVbParams& p, int num_threads) {
+  for_each_token<W>(p.batch, p.tokens, p.num_classes, num_threads,
+                    [&](int64_t b, int64_t n, float* l, float* e) {
+                      Kernels<W>::vb_backward_token(p, b, n, l, e);
+                      return 0;
+                    });
+}
+
+}  // namespace IMGTX_CPU_NS
+}  // namespace imgtx

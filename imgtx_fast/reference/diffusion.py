@@ -1,0 +1,102 @@
+"""Plain-PyTorch float64 mask-and-replace diffusion: the test oracle and the "reference" backend.
+
+Written from the spec's formulas (../shared/specs/mask_and_replace.md) in probability space,
+independently of the kernels' (u, v, w, y) form. Memory is O(B K N): this is for checking, not
+for speed.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def truncate(p: Tensor, r: float) -> Tensor:
+    """Top-r on probabilities p (B, K, N): keep a class while the mass strictly above it in
+    descending order is < r (the most likely class always kept); the rest become 0."""
+    sorted_p, order = torch.sort(p, dim=1, descending=True)
+    above = sorted_p.cumsum(1) - sorted_p
+    keep_sorted = above < r
+    keep_sorted[:, 0] = True
+    keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
+    return torch.where(keep, p, torch.zeros_like(p))
+
+
+def guided_log_p(log_p: Tensor, log_p_uncond: Optional[Tensor], guidance_scale: Optional[float]) -> Tensor:
+    l = log_p.double()
+    if log_p_uncond is not None:
+        lu = log_p_uncond.double()
+        l = lu + guidance_scale * (l - lu)
+    return l
+
+
+def posterior_probs(p: Tensor, x_t: Tensor, coefs: Tensor) -> Tensor:
+    """Normalised p(x_{t-1} | x_t) (B, K+1, N) in float64 from p(x0 | x_t) (B, K, N), which need
+    not be normalised (the posterior is 1-homogeneous in p). Differentiable in p."""
+    p = p.double()
+    B, K, N = p.shape
+    a, b, c, A, Bc, C, Ap, Bp, Cp, t0 = [coefs.double()[:, i].view(B, 1, 1) for i in range(10)]
+    P = p.sum(1, keepdim=True)
+    is_mask = (x_t == K).view(B, 1, N)
+    m = x_t.clamp(max=K - 1).view(B, 1, N)
+    # x_t = MASK
+    mask_real = (c / C) * (Ap * p + Bp * P)
+    mask_K = (Cp / C) * P
+    # x_t = m < K
+    p_m = p.gather(1, m)
+    Z = p_m / (A + Bc) + (P - p_m) / Bc
+    real = b * (Ap * p / Bc + Bp * Z)
+    at_m = (a + b) * (Ap * p_m / (A + Bc) + Bp * Z)
+    onehot_m = torch.zeros_like(p, dtype=torch.bool).scatter_(1, m, True)
+    real = torch.where(onehot_m, at_m, real)
+    pi_real = torch.where(is_mask, mask_real, real)
+    pi_K = torch.where(is_mask, mask_K, torch.zeros_like(mask_K))
+    # t = 0: p(x_{t-1}) = p(x0 | x_t), MASK impossible
+    pi_real = torch.where(t0 > 0, p, pi_real)
+    pi_K = torch.where(t0 > 0, torch.zeros_like(pi_K), pi_K)
+    pi = torch.cat([pi_real, pi_K], dim=1)
+    return pi / pi.sum(1, keepdim=True)
+
+
+def posterior_log_probs(log_p: Tensor, x_t: Tensor, coefs: Tensor, *, log_p_uncond=None,
+                        guidance_scale=None, truncation_rate=None) -> Tensor:
+    l = guided_log_p(log_p, log_p_uncond, guidance_scale)
+    p = torch.softmax(l, dim=1)
+    if truncation_rate is not None and truncation_rate < 1:
+        p = truncate(p, truncation_rate)
+    return posterior_probs(p, x_t, coefs).log()
+
+
+def posterior_sample(log_p, x_t, coefs, *, generator=None, **kw) -> Tensor:
+    probs = posterior_log_probs(log_p, x_t, coefs, **kw).exp()
+    B, K1, N = probs.shape
+    flat = probs.permute(0, 2, 1).reshape(B * N, K1)
+    return torch.multinomial(flat, 1, generator=generator).view(B, N)
+
+
+def q_sample_probs(x0: Tensor, coefs: Tensor, K: int) -> Tensor:
+    """q(x_t | x0) as (B, K+1, N) float64 probabilities."""
+    B, N = x0.shape
+    A, Bc, C = [coefs.double()[:, i].view(B, 1, 1) for i in (3, 4, 5)]
+    onehot = F.one_hot(x0, K).permute(0, 2, 1).double()
+    real = A * onehot + Bc
+    return torch.cat([real, C.expand(B, 1, N)], dim=1)
+
+
+def q_sample(x0, coefs, K, *, generator=None) -> Tensor:
+    probs = q_sample_probs(x0, coefs, K)
+    B, K1, N = probs.shape
+    return torch.multinomial(probs.permute(0, 2, 1).reshape(B * N, K1), 1, generator=generator).view(B, N)
+
+
+def vb_terms(logits: Tensor, x0: Tensor, x_t: Tensor, coefs: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-token (L_vb, L_aux) (B, N), float64, differentiable in logits."""
+    B, K, N = logits.shape
+    log_p = torch.log_softmax(logits.double(), dim=1)
+    model = posterior_probs(log_p.exp(), x_t, coefs)
+    true = posterior_probs(F.one_hot(x0, K).permute(0, 2, 1).double(), x_t, coefs)
+    log_model = model.clamp_min(1e-300).log()
+    kl = torch.where(true > 0, true * (true.clamp_min(1e-300).log() - log_model), torch.zeros_like(true)).sum(1)
+    ce = -log_p.gather(1, x0.view(B, 1, N)).squeeze(1)
+    t0 = coefs[:, 9].view(B, 1) > 0
+    return torch.where(t0, ce, kl), ce
