@@ -47,6 +47,28 @@ inline float hmax(V v, int W) {
   return m;
 }
 
+// A float64 accumulator for W float lanes, held as two native-width double vectors: a single
+// 2W-byte double vector (Vec<W>::D) is wider than a register and GCC spills it to the stack
+// on every add (measured: a 5x slower loop).
+template <int W>
+struct DoubleAcc {
+  typedef typename Vec<W / 2>::D H;
+  H lo{}, hi{};
+  void add(typename Vec<W>::F v) {
+    typename Vec<W / 2>::F a, b;
+    std::memcpy(&a, &v, sizeof(a));
+    std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
+    lo += __builtin_convertvector(a, H);
+    hi += __builtin_convertvector(b, H);
+  }
+  double sum() const {
+    const H s = lo + hi;
+    double r = 0.0;
+    for (int i = 0; i < W / 2; ++i) r += s[i];
+    return r;
+  }
+};
+
 template <class V>
 inline double hsum(V v, int W) {
   double s = 0.0;

@@ -29,6 +29,20 @@ namespace {
 
 using mr::TokenCoefs;
 
+// A worker's scratch: two rows of padded(K) floats (logits, exp) and the chunk sums of e.
+// pre[i]: this token's row of logits input i, already gathered by the driver (null when the
+// layout lets the token load it directly).
+struct Scratch {
+  float* l;
+  float* e;
+  double* sums;
+  const float* pre[2];
+};
+
+// Tokens gathered together when the class stride is not 1 (diffusers' contiguous (B, K, N)):
+// reading one class for kGroup consecutive tokens touches one cache line instead of kGroup.
+constexpr int64_t kGroup = 16;
+
 template <int W>
 struct Kernels {
   typedef typename simd::Vec<W>::F F;
@@ -59,88 +73,113 @@ struct Kernels {
     return simd::hmax(m, W);
   }
 
-  // e = exp(l - M); returns sum(e) accumulated in float64.
-  static double exp_row(const float* l, float M, int64_t Kp, float* e) {
-    D acc = D{};
-    for (int64_t i = 0; i < Kp; i += W) {
-      const F v = simd::exp<W>(simd::load<W>(l + i) - M);
-      simd::store<W>(e + i, v);
-      acc += __builtin_convertvector(v, D);
+  // Chunks of kChunk classes: the exp pass records each chunk's sum, so the sampler's
+  // inverse-CDF search walks K / kChunk sums and then one chunk, not the whole row again.
+  static constexpr int64_t kChunk = 4 * W;
+  static int64_t num_chunks(int64_t Kp) { return (Kp + kChunk - 1) / kChunk; }
+
+  // Sums of e over each chunk into sums[]; returns their total. Float64 accumulation.
+  static double chunk_sums(const float* e, int64_t Kp, double* sums) {
+    double total = 0.0;
+    for (int64_t j = 0, c = 0; j < Kp; j += kChunk, ++c) {
+      simd::DoubleAcc<W> acc;
+      const int64_t end = j + kChunk < Kp ? j + kChunk : Kp;
+      for (int64_t i = j; i < end; i += W) acc.add(simd::load<W>(e + i));
+      sums[c] = acc.sum();
+      total += sums[c];
     }
-    return simd::hsum(acc, W);
+    return total;
+  }
+
+  // e = exp(l - M); fills the chunk sums and returns sum(e). Within a chunk each lane adds
+  // 4 values in float (relative error <= 3 ulp), chunks are combined in float64.
+  static double exp_row(const float* l, float M, int64_t Kp, float* e, double* sums) {
+    double total = 0.0;
+    for (int64_t j = 0, c = 0; j < Kp; j += kChunk, ++c) {
+      F acc = F{};
+      const int64_t end = j + kChunk < Kp ? j + kChunk : Kp;
+      for (int64_t i = j; i < end; i += W) {
+        const F v = simd::exp<W>(simd::load<W>(l + i) - M);
+        simd::store<W>(e + i, v);
+        acc += v;
+      }
+      sums[c] = simd::hsum(acc, W);
+      total += sums[c];
+    }
+    return total;
   }
 
   // sum of e_j over j with bits(e_j) > u (e >= 0, so integer order is value order).
   static double mass_above(const float* e, int64_t Kp, int32_t u) {
-    D acc = D{};
+    simd::DoubleAcc<W> acc;
     for (int64_t i = 0; i < Kp; i += W) {
       const F v = simd::load<W>(e + i);
       I bits;
       std::memcpy(&bits, &v, sizeof(bits));
-      acc += __builtin_convertvector(bits > u ? v : F{}, D);
+      acc.add(bits > u ? v : F{});
     }
-    return simd::hsum(acc, W);
+    return acc.sum();
   }
 
   // Top-r truncation (spec): keeps { j : bits(e_j) >= u0 } with u0 the smallest u such that
   // the mass strictly above u is < threshold = r * P; zeroes the rest and returns the kept
   // mass. Bisection over the bit patterns: ~30 vector passes over an L1/L2-resident row.
-  static double truncate(float* e, int64_t Kp, double threshold) {
+  static double truncate(float* e, int64_t Kp, double threshold, double* sums) {
     int64_t lo = -1, hi = 0x3f800000;  // mass_above(-1) = P >= threshold; mass_above(1.0) = 0
     while (hi - lo > 1) {
       const int64_t mid = lo + (hi - lo) / 2;
       if (mass_above(e, Kp, int32_t(mid)) < threshold) hi = mid; else lo = mid;
     }
     const int32_t u0 = int32_t(hi);
-    D acc = D{};
     for (int64_t i = 0; i < Kp; i += W) {
-      F v = simd::load<W>(e + i);
+      const F v = simd::load<W>(e + i);
       I bits;
       std::memcpy(&bits, &v, sizeof(bits));
-      v = bits >= u0 ? v : F{};
-      simd::store<W>(e + i, v);
-      acc += __builtin_convertvector(v, D);
+      simd::store<W>(e + i, bits >= u0 ? v : F{});
     }
-    return simd::hsum(acc, W);
+    return chunk_sums(e, Kp, sums);
   }
 
-  // First j with cumulative sum of e (float64, in index order) > target; the last class with
-  // e > 0 if rounding runs past the end.
-  static int64_t scan(const float* e, int64_t K, double target) {
-    constexpr int64_t kChunk = 4 * W;
+  // First j with cumulative sum of e (float64, in index order) > target, found through the
+  // chunk sums; the last class with e > 0 if rounding runs past the end.
+  static int64_t scan(const float* e, int64_t K, const double* sums, double target) {
+    const int64_t chunks = num_chunks(K);
     double cum = 0.0;
-    int64_t j = 0;
-    for (; j + kChunk <= K; j += kChunk) {
-      D acc = __builtin_convertvector(simd::load<W>(e + j), D);
-      for (int c = 1; c < 4; ++c) acc += __builtin_convertvector(simd::load<W>(e + j + c * W), D);
-      const double cs = simd::hsum(acc, W);
-      if (cum + cs > target) break;
-      cum += cs;
-    }
-    for (; j < K; ++j) {
+    int64_t c = 0;
+    for (; c + 1 < chunks && cum + sums[c] <= target; ++c) cum += sums[c];
+    for (int64_t j = c * kChunk; j < K; ++j) {
       cum += double(e[j]);
       if (e[j] > 0.f && cum > target) return j;
     }
-    for (j = K - 1; j > 0 && !(e[j] > 0.f); --j) {}
+    int64_t j = K - 1;
+    while (j > 0 && !(e[j] > 0.f)) --j;
     return j;
   }
 
   // Copies token (b, n) of L into l[0, K) as float and pads l[K, Kp) with -inf.
   static void load_token(const MrLogits& L, int64_t b, int64_t n, int64_t K, int64_t Kp,
-                         float* l) {
-    load_strided_as_float(L.data, b * L.stride_batch + n * L.stride_token, L.stride_class, K,
-                          L.dtype, l);
+                         const float* pre, float* l) {
+    if (pre) {
+      std::memcpy(l, pre, size_t(Kp) * sizeof(float));
+      return;
+    }
+    const int64_t offset = b * L.stride_batch + n * L.stride_token;
+    if (L.dtype == DType::kFloat32 && L.stride_class == 1)
+      std::memcpy(l, static_cast<const float*>(L.data) + offset, size_t(K) * sizeof(float));
+    else
+      load_strided_as_float(L.data, offset, L.stride_class, K, L.dtype, l);
     for (int64_t i = K; i < Kp; ++i) l[i] = -kInf;
   }
 
   // ---- reverse step -----------------------------------------------------------------------
   static int posterior_token(const MrPosteriorParams& p, int64_t b, int64_t n, uint64_t seed,
-                             float* l, float* e) {
+                             const Scratch& sc) {
+    float *l = sc.l, *e = sc.e;
     const int64_t K = p.num_classes, N = p.tokens, Kp = padded(K, W);
     const int64_t xt = p.x_t.data[b * p.x_t.stride_batch + n * p.x_t.stride_token];
-    load_token(p.logp, b, n, K, Kp, l);
+    load_token(p.logp, b, n, K, Kp, sc.pre[0], l);
     if (p.logp_uncond.data) {  // l = l_u + s (l_c - l_u), via e as the second row
-      load_token(p.logp_uncond, b, n, K, Kp, e);
+      load_token(p.logp_uncond, b, n, K, Kp, sc.pre[1], e);
       const float s = p.guidance_scale;
       for (int64_t i = 0; i < Kp; i += W) {
         const F lu = simd::load<W>(e + i), lc = simd::load<W>(l + i);
@@ -156,9 +195,9 @@ struct Kernels {
       write_bad_posterior(p, b, n);
       return (bad_logits ? kMrBadLogits : 0) | (bad_index ? kMrBadIndex : 0);
     }
-    double P = exp_row(l, M, Kp, e);
+    double P = exp_row(l, M, Kp, e, sc.sums);
     const bool truncating = p.truncation_rate < 1.f;
-    if (truncating) P = truncate(e, Kp, double(p.truncation_rate) * P);
+    if (truncating) P = truncate(e, Kp, double(p.truncation_rate) * P, sc.sums);
     TokenCoefs k = mr::token_coefs(p.coefs + b * kMrCoefs, xt, K);
     const double p_s = k.s >= 0 ? double(e[k.s]) : 0.0;
     if (p.x_prev) {
@@ -167,8 +206,12 @@ struct Kernels {
       const mr::SampleChoice c = mr::choose(k, K, P, p_s, u0, u1);
       int64_t idx = c.index;
       if (idx < 0) {
-        if (k.s >= 0) e[k.s] = float(double(e[k.s]) * c.scan_special_factor);
-        idx = scan(e, K, c.scan_target);
+        if (k.s >= 0) {  // x_t's own class carries u_s, not u_g
+          const float old = e[k.s];
+          e[k.s] = float(double(old) * c.scan_special_factor);
+          sc.sums[k.s / kChunk] += double(e[k.s]) - double(old);
+        }
+        idx = scan(e, K, sc.sums, c.scan_target);
       }
       p.x_prev[b * N + n] = idx;
       return kMrOk;
@@ -214,12 +257,13 @@ struct Kernels {
   }
 
   // ---- training loss: forward ---------------------------------------------------------------
-  static int vb_forward_token(const MrVbParams& p, int64_t b, int64_t n, float* l, float* e) {
+  static int vb_forward_token(const MrVbParams& p, int64_t b, int64_t n, const Scratch& sc) {
+    float *l = sc.l, *e = sc.e;
     const int64_t K = p.num_classes, N = p.tokens, Kp = padded(K, W), tok = b * N + n;
     const int64_t x0 = p.x0.data[b * p.x0.stride_batch + n * p.x0.stride_token];
     const int64_t xt = p.x_t.data[b * p.x_t.stride_batch + n * p.x_t.stride_token];
     double* saved = p.saved + tok * kMrVbSaved;
-    load_token(p.logits, b, n, K, Kp, l);
+    load_token(p.logits, b, n, K, Kp, sc.pre[0], l);
     bool bad_logits;
     const float M = row_max(l, Kp, &bad_logits);
     bad_logits |= M == -kInf;
@@ -230,7 +274,7 @@ struct Kernels {
       for (int i = 0; i < kMrVbSaved; ++i) saved[i] = double(nan);
       return (bad_logits ? kMrBadLogits : 0) | (bad_index ? kMrBadIndex : 0);
     }
-    const double P = exp_row(l, M, Kp, e);
+    const double P = exp_row(l, M, Kp, e, sc.sums);
     const double ce = std::log(P) - (double(l[x0]) - double(M));
     p.loss_aux[tok] = float(ce);
     TokenCoefs k = mr::token_coefs(p.coefs + b * kMrCoefs, xt, K);
@@ -246,7 +290,7 @@ struct Kernels {
     mr::normalise(&k, Y);
     const double Pi = mr::pi_total(k, K, P, p_s, Y);
     const float ug = float(k.u_g), vy = float(k.v_g * Y);
-    D acc_log = D{}, acc_inv = D{};
+    simd::DoubleAcc<W> acc_log, acc_inv;
     for (int64_t i = 0; i < Kp; i += W) {
       F pi = ug * simd::load<W>(e + i) + vy;
       pi = pi > mr::kPiFloor ? pi : simd::splat<W>(mr::kPiFloor);
@@ -256,11 +300,11 @@ struct Kernels {
         lg = live ? lg : F{};
         inv = live ? inv : F{};
       }
-      acc_log += __builtin_convertvector(lg, D);
-      acc_inv += __builtin_convertvector(inv, D);
+      acc_log.add(lg);
+      acc_inv.add(inv);
     }
     const mr::KlOut o = mr::kl_finish(k, K, x0, double(e[x0]), p_s, Y, Pi,
-                                      simd::hsum(acc_log, W), simd::hsum(acc_inv, W));
+                                      acc_log.sum(), acc_inv.sum());
     p.loss_vb[tok] = float(o.kl);
     saved[2] = Y;
     saved[3] = Pi;
@@ -270,7 +314,8 @@ struct Kernels {
   }
 
   // ---- training loss: backward ---------------------------------------------------------------
-  static void vb_backward_token(const MrVbParams& p, int64_t b, int64_t n, float* l, float* e) {
+  static void vb_backward_token(const MrVbParams& p, int64_t b, int64_t n, const Scratch& sc) {
+    float *l = sc.l, *e = sc.e;
     const int64_t K = p.num_classes, N = p.tokens, Kp = padded(K, W), tok = b * N + n;
     const int64_t x0 = p.x0.data[b * p.x0.stride_batch + n * p.x0.stride_token];
     const int64_t xt = p.x_t.data[b * p.x_t.stride_batch + n * p.x_t.stride_token];
@@ -285,8 +330,8 @@ struct Kernels {
     }
     const float M = float(saved[0]);
     const double P = saved[1], Y = saved[2], Pi = saved[3], T = saved[4];
-    load_token(p.logits, b, n, K, Kp, l);
-    exp_row(l, M, Kp, e);  // the same p_j as the forward pass
+    load_token(p.logits, b, n, K, Kp, sc.pre[0], l);
+    exp_row(l, M, Kp, e, sc.sums);  // the same p_j as the forward pass
     TokenCoefs k = mr::token_coefs(p.coefs + b * kMrCoefs, xt, K);
     if (!k.t0) mr::normalise(&k, Y);
     const mr::GradCoefs gc = mr::grad_coefs(k, K, x0, P, Y, Pi, T, g_vb, g_aux);
@@ -329,24 +374,59 @@ struct Kernels {
   }
 };
 
-// Runs token_fn(b, n, l, e) over every token with per-worker scratch rows; ORs the statuses.
+// rows[i * Kp + j] = L[b, j, n0 + i] as float for i < count, j < K; -inf padding to Kp.
+inline void gather_group(const MrLogits& L, int64_t b, int64_t n0, int64_t count, int64_t K,
+                         int64_t Kp, float* rows) {
+  const int64_t base = b * L.stride_batch + n0 * L.stride_token, st = L.stride_token;
+  float col[kGroup];
+  for (int64_t j = 0; j < K; ++j) {
+    load_strided_as_float(L.data, base + j * L.stride_class, st, count, L.dtype, col);
+    for (int64_t i = 0; i < count; ++i) rows[i * Kp + j] = col[i];
+  }
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t j = K; j < Kp; ++j) rows[i * Kp + j] = -std::numeric_limits<float>::infinity();
+}
+
+// Runs token_fn(b, n, scratch) over every token with per-worker scratch; ORs the statuses.
+// `inputs` are the logits the token functions read (null data: absent); when their class
+// stride is not 1 the driver gathers them kGroup tokens at a time into scratch rows.
 template <int W, class TokenFn>
-int for_each_token(int64_t batch, int64_t tokens, int64_t K, int num_threads, TokenFn token_fn) {
-  const int64_t per_task = tokens_per_task(batch, tokens, num_threads);
+int for_each_token(int64_t batch, int64_t tokens, int64_t K, const MrLogits* inputs,
+                   int num_threads, TokenFn token_fn) {
+  const bool gather = inputs[0].stride_class != 1;
+  int64_t per_task = tokens_per_task(batch, tokens, num_threads);
+  if (gather) per_task = (per_task + kGroup - 1) / kGroup * kGroup;
   const int64_t tasks_per_sample = (tokens + per_task - 1) / per_task;
   const int64_t tasks = batch * tasks_per_sample;
-  const int64_t Kp = padded(K, W);
+  const int64_t Kp = padded(K, W), chunks = Kernels<W>::num_chunks(Kp);
+  const int64_t group_floats = gather ? 2 * kGroup * Kp : 0;
   const int workers = parallel_workers(tasks, num_threads);
-  std::vector<float> scratch(size_t(workers) * size_t(2 * Kp));
+  std::vector<float> rows(size_t(workers) * size_t(2 * Kp + group_floats));
+  std::vector<double> sums(size_t(workers) * size_t(chunks));
   std::atomic<int> status{0};
   parallel_for(tasks, num_threads, [&](int64_t task, int worker) {
-    float* l = scratch.data() + size_t(worker) * size_t(2 * Kp);
-    float* e = l + Kp;
+    Scratch sc;
+    sc.l = rows.data() + size_t(worker) * size_t(2 * Kp + group_floats);
+    sc.e = sc.l + Kp;
+    float* group = sc.e + Kp;
+    sc.sums = sums.data() + size_t(worker) * size_t(chunks);
+    sc.pre[0] = sc.pre[1] = nullptr;
     const int64_t b = task / tasks_per_sample;
     const int64_t n0 = (task % tasks_per_sample) * per_task;
     const int64_t n1 = n0 + per_task < tokens ? n0 + per_task : tokens;
     int local = 0;
-    for (int64_t n = n0; n < n1; ++n) local |= token_fn(b, n, l, e);
+    for (int64_t g0 = n0; g0 < n1; g0 += gather ? kGroup : n1 - n0) {
+      const int64_t g1 = gather && g0 + kGroup < n1 ? g0 + kGroup : n1;
+      if (gather)
+        for (int i = 0; i < 2; ++i)
+          if (inputs[i].data) gather_group(inputs[i], b, g0, g1 - g0, K, Kp, group + i * kGroup * Kp);
+      for (int64_t n = g0; n < g1; ++n) {
+        if (gather)
+          for (int i = 0; i < 2; ++i)
+            sc.pre[i] = inputs[i].data ? group + i * kGroup * Kp + (n - g0) * Kp : nullptr;
+        local |= token_fn(b, n, sc);
+      }
+    }
     if (local) status.fetch_or(local, std::memory_order_relaxed);
   });
   return status.load();
@@ -357,25 +437,28 @@ int for_each_token(int64_t batch, int64_t tokens, int64_t K, int num_threads, To
 template <int W>
 int mr_posterior_driver(const MrPosteriorParams& p, int num_threads) {
   const uint64_t seed = p.seed ? uint64_t(*p.seed) : 0;
-  return for_each_token<W>(p.batch, p.tokens, p.num_classes, num_threads,
-                           [&](int64_t b, int64_t n, float* l, float* e) {
-                             return Kernels<W>::posterior_token(p, b, n, seed, l, e);
+  const MrLogits inputs[2] = {p.logp, p.logp_uncond};
+  return for_each_token<W>(p.batch, p.tokens, p.num_classes, inputs, num_threads,
+                           [&](int64_t b, int64_t n, const Scratch& sc) {
+                             return Kernels<W>::posterior_token(p, b, n, seed, sc);
                            });
 }
 
 template <int W>
 int mr_vb_forward_driver(const MrVbParams& p, int num_threads) {
-  return for_each_token<W>(p.batch, p.tokens, p.num_classes, num_threads,
-                           [&](int64_t b, int64_t n, float* l, float* e) {
-                             return Kernels<W>::vb_forward_token(p, b, n, l, e);
+  const MrLogits inputs[2] = {p.logits, MrLogits{}};
+  return for_each_token<W>(p.batch, p.tokens, p.num_classes, inputs, num_threads,
+                           [&](int64_t b, int64_t n, const Scratch& sc) {
+                             return Kernels<W>::vb_forward_token(p, b, n, sc);
                            });
 }
 
 template <int W>
 void mr_vb_backward_driver(const MrVbParams& p, int num_threads) {
-  for_each_token<W>(p.batch, p.tokens, p.num_classes, num_threads,
-                    [&](int64_t b, int64_t n, float* l, float* e) {
-                      Kernels<W>::vb_backward_token(p, b, n, l, e);
+  const MrLogits inputs[2] = {p.logits, MrLogits{}};
+  for_each_token<W>(p.batch, p.tokens, p.num_classes, inputs, num_threads,
+                    [&](int64_t b, int64_t n, const Scratch& sc) {
+                      Kernels<W>::vb_backward_token(p, b, n, sc);
                       return 0;
                     });
 }

@@ -1,0 +1,258 @@
+"""Mask-and-replace kernels (posterior, sampling, q_sample) against float64 oracles."""
+import pytest
+import torch
+
+from diffusion_helpers import (chi_square_pvalue, posterior_by_bayes, replace_heavy_schedule)
+from imgtx_fast.diffusion import (MaskAndReplaceSchedule, posterior_log_probs, posterior_sample,
+                                  q_sample)
+from imgtx_fast.reference import diffusion as ref
+
+P_MIN = 1e-4  # chi-square p-value floor; every test below draws fresh seeds deterministically
+
+
+def _logits(B, K, N, layout, dtype=torch.float32, scale=2.0, gen=None):
+    x = torch.randn(B, K, N, generator=gen, dtype=torch.float64) * scale
+    x = x.log_softmax(1).to(dtype)
+    if layout == "class_contiguous":  # (B, N, K) buffer seen as (B, K, N)
+        x = x.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    elif layout == "strided":  # a slice of a bigger buffer, odd strides everywhere
+        big = torch.zeros(B, K + 3, 2 * N + 1, dtype=dtype)
+        big[:, 1:K + 1, 1::2] = x
+        x = big[:, 1:K + 1, 1::2]
+    return x
+
+
+def _tv(a, b):
+    return float((a.double() - b.double()).abs().sum(1).max()) / 2
+
+
+# ---- schedule --------------------------------------------------------------------------------
+def test_schedule_matches_diffusers_formulas():
+    diffusers = pytest.importorskip("diffusers.schedulers.scheduling_vq_diffusion")
+    for K, T in [(4096, 100), (7, 10)]:
+        s = MaskAndReplaceSchedule(K, T)
+        at, att = diffusers.alpha_schedules(T)
+        ct, ctt = diffusers.gamma_schedules(T)
+        torch.testing.assert_close(s.table[:, 0], torch.tensor(at), rtol=1e-12, atol=0)
+        torch.testing.assert_close(s.table[:, 2], torch.tensor(ct), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(s.table[:, 3], torch.tensor(att[:-1]), rtol=1e-12, atol=0)
+        torch.testing.assert_close(s.table[:, 5], torch.tensor(ctt[:-1]), rtol=1e-12, atol=0)
+        btt = (1 - att - ctt) / K
+        torch.testing.assert_close(s.table[:, 4], torch.tensor(btt[:-1]), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(alpha_cum_start=1.2), dict(gamma_cum_end=-0.1),
+                                    dict(alpha_cum_end=0.5, gamma_cum_end=0.5),
+                                    dict(alpha_cum_start=0.3, alpha_cum_end=0.9)])
+def test_schedule_rejects_invalid(kwargs):
+    with pytest.raises(ValueError, match="MaskAndReplaceSchedule"):
+        MaskAndReplaceSchedule(5, 10, **kwargs)
+
+
+# ---- posterior log-probs ---------------------------------------------------------------------
+@pytest.mark.parametrize("K", [1, 2, 5, 13])
+@pytest.mark.parametrize("heavy", [False, True])
+def test_posterior_matches_bayes_with_explicit_matrices(K, heavy, cpu_isa):
+    T = 6
+    sched = replace_heavy_schedule(K, T) if heavy else MaskAndReplaceSchedule(K, T)
+    gen = torch.Generator().manual_seed(K * 10 + heavy)
+    N = K + 2
+    logp = _logits(1, K, N, "token_contiguous", gen=gen)
+    x_t = torch.arange(N).remainder(K + 1).view(1, N)  # every class, MASK included
+    for t in range(T):
+        if t == 0:
+            x_t0 = torch.randint(0, K, (1, N), generator=gen)  # x_0 is never MASK... but x_t may be
+            xs = [x_t, x_t0]
+        else:
+            xs = [x_t]
+        for xt in xs:
+            got = posterior_log_probs(logp, xt, t, sched).exp()
+            for n in range(N):
+                want = posterior_by_bayes(logp[0, :, n].exp(), int(xt[0, n]), t, sched)
+                assert _tv(got[0, :, n].view(1, -1), want.view(1, -1)) < 1e-6, (t, n, int(xt[0, n]))
+
+
+@pytest.mark.parametrize("layout", ["token_contiguous", "class_contiguous", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,K,N", [(1, 1, 1), (2, 7, 33), (3, 64, 17), (1, 301, 40)])
+def test_posterior_log_probs_vs_reference(B, K, N, layout, dtype, cpu_isa):
+    gen = torch.Generator().manual_seed(B * 1000 + K * 10 + N)
+    sched = MaskAndReplaceSchedule(K, 20)
+    logp = _logits(B, K, N, layout, dtype, gen=gen)
+    x_t = torch.randint(0, K + 1, (B, N), generator=gen)
+    t = torch.randint(0, 20, (B,), generator=gen)
+    t[0] = 0 if B > 1 else t[0]
+    got = posterior_log_probs(logp, x_t, t, sched)
+    assert got.shape == (B, K + 1, N) and got.dtype == torch.float32
+    want = ref.posterior_log_probs(logp, x_t, sched.coefs(t, B, "cpu"))
+    assert _tv(got.exp(), want.exp()) < 1e-6
+    # impossible classes are exactly -inf: MASK when x_t is real, and at t = 0
+    impossible = want.exp() == 0
+    assert torch.equal(torch.isinf(got) & (got < 0), impossible)
+
+
+@pytest.mark.parametrize("r", [0.1, 0.5, 0.86, 0.999])
+@pytest.mark.parametrize("guided", [False, True])
+def test_truncation_and_guidance_vs_reference(r, guided, cpu_isa):
+    gen = torch.Generator().manual_seed(int(r * 1000) + guided)
+    B, K, N = 2, 50, 23
+    sched = replace_heavy_schedule(K, 10)
+    logp = _logits(B, K, N, "token_contiguous", scale=3.0, gen=gen)
+    unc = _logits(B, K, N, "class_contiguous", scale=3.0, gen=gen) if guided else None
+    s = 2.5 if guided else None
+    x_t = torch.randint(0, K + 1, (B, N), generator=gen)
+    for t in [0, 4, 9]:
+        kw = dict(truncation_rate=r, guidance_scale=s, log_p_x0_uncond=unc)
+        got = posterior_log_probs(logp, x_t, t, sched, **kw)
+        want = ref.posterior_log_probs(logp, x_t, sched.coefs(t, B, "cpu"),
+                                       log_p_uncond=unc, guidance_scale=s, truncation_rate=r)
+        assert _tv(got.exp(), want.exp()) < 1e-6
+        if t == 0:  # at t = 0 the kept set is visible: dropped classes are exactly -inf
+            assert torch.equal(torch.isinf(got[:, :K]), want[:, :K].exp() == 0)
+
+
+def test_posterior_matches_diffusers_q_posterior():
+    mod = pytest.importorskip("diffusers.schedulers.scheduling_vq_diffusion")
+    B, K, N = 2, 33, 29
+    stock = mod.VQDiffusionScheduler(num_vec_classes=K + 1, num_train_timesteps=100)
+    sched = MaskAndReplaceSchedule.from_diffusers(stock)
+    gen = torch.Generator().manual_seed(3)
+    logp = _logits(B, K, N, "token_contiguous", gen=gen)
+    x_t = torch.randint(0, K + 1, (B, N), generator=gen)
+    for t in [1, 2, 50, 98, 99]:
+        theirs = stock.q_posterior(logp, x_t, t)
+        theirs = theirs - theirs.logsumexp(1, keepdim=True)
+        ours = posterior_log_probs(logp, x_t, t, sched)
+        # diffusers keeps the schedule in float32 logs; 1e-5 TV covers that rounding
+        assert _tv(ours.exp(), theirs.exp()) < 1e-5, t
+
+
+# ---- sampling: chi-square against the exact posterior ------------------------------------------
+def _sample_counts(logp1, x_t_value, t, sched, draws, seed, **kw):
+    """Draws `draws` tokens that share one distribution (a stride-0 expand: no copy)."""
+    K = sched.num_classes
+    logp = logp1.view(1, K, 1).expand(1, K, draws)
+    x_t = torch.full((1, 1), x_t_value, dtype=torch.int64).expand(1, draws)
+    unc = kw.pop("unc", None)
+    if unc is not None:
+        kw["log_p_x0_uncond"] = unc.view(1, K, 1).expand(1, K, draws)
+    g = torch.Generator().manual_seed(seed)
+    x = posterior_sample(logp, x_t, t, sched, g, **kw)
+    return torch.bincount(x.view(-1), minlength=K + 1)
+
+
+@pytest.mark.parametrize("case", [
+    dict(x_t="mask", t=1), dict(x_t="mask", t=8), dict(x_t="real", t=1), dict(x_t="real", t=8),
+    dict(x_t="mask", t=0), dict(x_t="real", t=0),
+    dict(x_t="mask", t=5, r=0.7), dict(x_t="real", t=5, r=0.5), dict(x_t="real", t=0, r=0.6),
+    dict(x_t="mask", t=5, s=3.0), dict(x_t="real", t=3, s=2.0, r=0.8),
+])
+@pytest.mark.parametrize("heavy", [False, True])
+def test_sampler_frequencies_match_exact_posterior(case, heavy, cpu_isa):
+    K, T, draws = 6, 10, 300_000
+    sched = replace_heavy_schedule(K, T) if heavy else MaskAndReplaceSchedule(K, T)
+    gen = torch.Generator().manual_seed(hash(str(case)) % 1000 + heavy)
+    logp1 = (torch.randn(K, generator=gen) * 1.5).log_softmax(0)
+    unc = (torch.randn(K, generator=gen) * 1.5).log_softmax(0) if "s" in case else None
+    x_t_value = K if case["x_t"] == "mask" else 2
+    r, s = case.get("r"), case.get("s")
+    kw = dict(truncation_rate=r, guidance_scale=s, unc=unc)
+    counts = _sample_counts(logp1, x_t_value, case["t"], sched, draws, seed=17, **dict(kw))
+    probs = ref.posterior_log_probs(
+        logp1.view(1, K, 1), torch.tensor([[x_t_value]]), sched.coefs(case["t"], 1, "cpu"),
+        log_p_uncond=None if unc is None else unc.view(1, K, 1), guidance_scale=s,
+        truncation_rate=r).exp().view(-1)
+    assert int(counts[probs == 0].sum()) == 0  # impossible classes (truncated at t=0, MASK) never drawn
+    if case["t"] == 0:
+        assert int(counts[K]) == 0
+    assert chi_square_pvalue(counts, probs) > P_MIN
+
+
+def test_sampler_large_K_frequencies(cpu_isa):
+    """K = 1000 over many chunks of the scan: pooled chi-square on the marginal."""
+    K, draws = 1000, 400_000
+    sched = replace_heavy_schedule(K, 10)
+    gen = torch.Generator().manual_seed(5)
+    logp1 = (torch.randn(K, generator=gen) * 2).log_softmax(0)
+    for x_t_value, t in [(K, 5), (123, 3), (999, 0)]:
+        counts = _sample_counts(logp1, x_t_value, t, sched, draws, seed=t)
+        probs = ref.posterior_log_probs(logp1.view(1, K, 1), torch.tensor([[x_t_value]]),
+                                        sched.coefs(t, 1, "cpu")).exp().view(-1)
+        assert chi_square_pvalue(counts, probs) > P_MIN
+
+
+def test_sampling_is_deterministic_and_thread_invariant():
+    B, K, N = 3, 300, 257
+    sched = MaskAndReplaceSchedule(K, 100)
+    gen = torch.Generator().manual_seed(0)
+    logp = _logits(B, K, N, "token_contiguous", gen=gen)
+    x_t = torch.randint(0, K + 1, (B, N), generator=gen)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            runs.append(posterior_sample(logp, x_t, 40, sched, torch.Generator().manual_seed(9),
+                                         truncation_rate=0.9))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    other = posterior_sample(logp, x_t, 40, sched, torch.Generator().manual_seed(10), truncation_rate=0.9)
+    assert not torch.equal(other, runs[0])
+    torch.manual_seed(4)  # the default generator drives generator=None
+    a = posterior_sample(logp, x_t, 40, sched)
+    torch.manual_seed(4)
+    assert torch.equal(a, posterior_sample(logp, x_t, 40, sched))
+
+
+def test_sampling_layout_invariant():
+    """The same logits in another memory layout give the same samples (same draws per token)."""
+    B, K, N = 2, 77, 45
+    sched = MaskAndReplaceSchedule(K, 100)
+    gen = torch.Generator().manual_seed(1)
+    base = _logits(B, K, N, "token_contiguous", gen=gen)
+    x_t = torch.randint(0, K + 1, (B, N), generator=gen)
+    outs = [posterior_sample(x, x_t, 30, sched, torch.Generator().manual_seed(2))
+            for x in (base, base.permute(0, 2, 1).contiguous().permute(0, 2, 1))]
+    assert torch.equal(outs[0], outs[1])
+
+
+# ---- q_sample ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("t", [0, 4, 9])
+def test_q_sample_frequencies(t):
+    K, draws = 5, 300_000
+    sched = replace_heavy_schedule(K, 10)
+    x0 = torch.full((1, 1), 3, dtype=torch.int64).expand(2, draws // 2)
+    x = q_sample(x0, t, sched, torch.Generator().manual_seed(t))
+    counts = torch.bincount(x.reshape(-1), minlength=K + 1)
+    A, B, C = (float(sched.table[t, i]) for i in (3, 4, 5))
+    probs = torch.full((K + 1,), B, dtype=torch.float64)
+    probs[3] = A + B
+    probs[K] = C
+    assert abs(float(probs.sum()) - 1) < 1e-12
+    assert chi_square_pvalue(counts, probs) > P_MIN
+
+
+def test_q_sample_per_sample_t_and_determinism():
+    K = 9
+    sched = MaskAndReplaceSchedule(K, 100)
+    x0 = torch.randint(0, K, (4, 1000), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 10, 60, 99])
+    a = q_sample(x0, t, sched, torch.Generator().manual_seed(3))
+    b = q_sample(x0, t, sched, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    masked = (a == K).float().mean(1)
+    assert masked[0] < 0.01 and masked[3] > 0.99  # C_0 ~ 1e-5, C_99 ~ 1
+    assert ((a == x0) | (a == K)).float().mean() > 0.999
+
+
+# ---- empty inputs --------------------------------------------------------------------------------
+def test_empty_inputs():
+    K = 4
+    sched = MaskAndReplaceSchedule(K, 10)
+    for B, N in [(0, 5), (2, 0)]:
+        logp = torch.zeros(B, K, N)
+        x_t = torch.zeros(B, N, dtype=torch.int64)
+        assert posterior_sample(logp, x_t, 3, sched).shape == (B, N)
+        assert posterior_log_probs(logp, x_t, 3, sched).shape == (B, K + 1, N)
+        assert q_sample(x_t, 3, sched).shape == (B, N)
