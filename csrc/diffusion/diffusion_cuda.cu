@@ -53,7 +53,7 @@ constexpr int kLog2Threads = 8;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxG = 8;  // tokens per tile
 constexpr int kMinBlocks = 4;  // resident blocks per SM the register budget must allow (<= 64)
-constexpr int kUnroll = 4;  // global loads in flight per thread in the first pass
+constexpr int kUnroll = 8;  // global loads in flight per thread in the first pass
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int64_t kMaxGrid = int64_t(1) << 20;  // blocks; tiles beyond are walked grid-stride
 constexpr size_t kSmemBudget = 72 * 1024;  // soft cap on a tile's cached rows (see top)
