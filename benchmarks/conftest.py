@@ -51,6 +51,8 @@ class BenchResults:
     # GPU (test_codebook_cuda.py): (dtype, N, K, D) -> impl -> median seconds; dtype -> TFLOP/s
     gpu_cases: Dict[Tuple[str, int, int, int], Dict[str, float]] = field(default_factory=dict)
     gpu_ceiling: Dict[str, float] = field(default_factory=dict)
+    # test_diffusion.py: (what, (B, K, N)) -> {"ms": {impl: median ms}, "ratios": {...}, ...}
+    diffusion: Dict[tuple, dict] = field(default_factory=dict)
 
 
 SETTINGS_KEY = pytest.StashKey[BenchSettings]()
@@ -126,6 +128,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if settings is None or results is None:
         return
     tr = terminalreporter
+    _write_diffusion(tr, results, settings)
     title = "imgtx_fast codebook_lookup summary"
     if not settings.timing:
         tr.write_sep("-", title)
@@ -181,6 +184,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                       f"ours {r['ours_ms']:.1f} ms; peer/ours: {parts}")
     if reduced:
         tr.write_line(f"* timed for fewer rounds: its warm-up call took > {settings.max_call_s:g} s")
+
+
+def _write_diffusion(tr, results, settings):
+    if not results.diffusion:
+        return
+    tr.write_sep("-", "imgtx_fast mask-and-replace diffusion summary")
+    tr.write_line(f"CPU fp32, threads={settings.threads}, mode={settings.mode}; median ms, interleaved "
+                  "in one run; ratios >1x for peer/ours mean imgtx_fast is faster")
+    for (what, (B, K, N)), r in sorted(results.diffusion.items(), key=lambda kv: str(kv[0])):
+        case = f"{what:<24} B={B} K={K} N={N}"
+        if "mib" in r:
+            cells = ", ".join(f"{k} {v:.1f}" for k, v in r["mib"].items())
+            tr.write_line(f"{case}: {cells} (inputs {r['input_mib']:.0f} MiB)")
+            continue
+        ms = ", ".join(f"{k} {v:.1f}" for k, v in r["ms"].items())
+        ratios = ", ".join(f"{k} {v:.2f}x" for k, v in r.get("ratios", {}).items())
+        gbs = f", ours {r['ours_GBps']:.1f} GB/s of logits" if "ours_GBps" in r else ""
+        tr.write_line(f"{case}: {ms}; {ratios}{gbs}")
 
 
 def _write_gpu(tr, results):

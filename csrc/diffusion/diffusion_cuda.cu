@@ -16,15 +16,25 @@
 // Because a thread's slot never changes, per-token reductions are warp shuffles over the
 // lanes of that slot plus one combine through shared memory (GroupReducer), one barrier each.
 //
-// The ops are memory-bound and make several passes per token (max, exp + sum, up to 30
-// bisection passes for top-r truncation, the final scan / write pass), so the tile's rows are
-// read from global memory once and cached in shared memory as float (first the logits, then
-// p = exp(l - M) in place). G is chosen so a tile stays within ~72 KB of shared memory (2-3
-// resident blocks per SM on A100/H100): K = 4096 gives G = 4 token-fast (16-byte runs per
-// class row; the neighbouring tile, resident at the same time, uses the other half of each
-// sector from L2) and G = 1 class-fast (16 KB per block). Rows too long for shared memory
-// even at G = 1 (K > ~40-56K classes) fall back to re-reading global memory (L2) in every
-// pass. Cached rows of different slots are padded so the token-fast map is bank-conflict-free.
+// The posterior and the loss forward make several passes per token (max; exp + sum; 30
+// bisection passes for top-r truncation; the final scan, write or log-sum pass), so a tile's
+// rows are read from global memory once and cached in shared memory as float (the logits,
+// then p = expf(l - M) in place; full-precision expf, like the CPU's exp to a few ulp). G is
+// the largest that keeps the cache within ~72 KB (2-3 resident blocks per SM on A100/H100):
+// K = 4096 gives G = 4 token-fast (16-byte runs per class row; the neighbouring tile, resident
+// at the same time, reads the other half of each sector from L2) and G = 1 class-fast (16 KB
+// per block). Rows too long for shared memory even at G = 1 (K over ~40K-56K classes) are
+// re-read from global memory (L2) in every pass instead. The cached rows of different slots
+// are padded so that the token-fast map is bank-conflict-free.
+//   posterior:   max -> exp/sum -> [truncation] -> per-token float64 math (rank-0 thread) ->
+//                sampling: mr::choose, then (only where the p part was drawn) a segmented
+//                inverse-CDF scan; log-probs: one write pass over the K + 1 classes, with the
+//                thread map of the output's layout (the cache serves either map).
+//   vb forward:  max -> exp/sum -> float64 math -> [t > 0] sums of log pi and 1 / pi.
+//   vb backward: elementwise from the saved scalars (no cache; G = 8 so that the per-token
+//                prologue runs on 8 lanes at once); gradients are staged through shared
+//                memory only when the logits and gradient layouts disagree.
+// q_sample is one thread per token.
 //
 // No scratch memory: everything per token lives in registers and shared memory, so the
 // launches need no workspace, no host syncs, and are graph-capturable (the Philox seed is read
@@ -493,9 +503,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const bool live = tok < g.total;
     const int64_t b = live ? tok / N : 0, n = live ? tok - b * N : 0;
     const TokenLogits<LT> src = token_logits<LT>(p.logp, p.logp_uncond, p.guidance_scale, b, n);
+    const int64_t xt = live ? p.x_t.data[b * p.x_t.stride_batch + n * p.x_t.stride_token] : 0;
 
     const float M = red.all(live ? load_pass(src, row, me.r, step, K) : -kInf, MaxF());
-    const int64_t xt = live ? p.x_t.data[b * p.x_t.stride_batch + n * p.x_t.stride_token] : 0;
     const int bad = live ? bad_bits(M, xt < 0 || xt > K) : 0;
     const bool ok = live && bad == 0;
     double P = red.all(ok ? exp_pass(src, row, M, me.r, step, K) : 0.0, SumD());
@@ -648,10 +658,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const bool live = tok < g.total;
     const int64_t b = live ? tok / N : 0, n = live ? tok - b * N : 0;
     const TokenLogits<LT> src = token_logits<LT>(p.logits, none, 1.f, b, n);
-
-    const float M = red.all(live ? load_pass(src, row, me.r, step, K) : -kInf, MaxF());
     const int64_t x0 = live ? p.x0.data[b * p.x0.stride_batch + n * p.x0.stride_token] : 0;
     const int64_t xt = live ? p.x_t.data[b * p.x_t.stride_batch + n * p.x_t.stride_token] : 0;
+
+    const float M = red.all(live ? load_pass(src, row, me.r, step, K) : -kInf, MaxF());
     const int bad = live ? bad_bits(M, x0 < 0 || x0 >= K || xt < 0 || xt > K) : 0;
     const bool ok = live && bad == 0;
     const double P = red.all(ok ? exp_pass(src, row, M, me.r, step, K) : 0.0, SumD());
@@ -989,7 +999,9 @@ void mr_vb_backward_cuda(const MrVbParams& p, void* stream) {
   const int64_t K = p.num_classes;
   const bool in_tf = token_fast_layout(p.logits.stride_class, p.logits.stride_token, p.tokens);
   const bool out_tf = token_fast_layout(p.grad_stride_class, p.grad_stride_token, p.tokens);
-  int G = (in_tf || out_tf) ? kMaxG : rows_per_tile(K);
+  // kMaxG tokens per tile whatever K: the per-token prologue (float64 scalar math, a few
+  // dependent loads) then runs on kMaxG lanes at once; class-fast, each token gets one warp.
+  int G = kMaxG;
   int64_t S = 0;
   size_t max_dyn = 0;
   if (in_tf != out_tf) {  // stage through shared memory when a tile fits the budget

@@ -30,12 +30,13 @@ def guided_log_p(log_p: Tensor, log_p_uncond: Optional[Tensor], guidance_scale: 
     return l
 
 
-def posterior_probs(p: Tensor, x_t: Tensor, coefs: Tensor) -> Tensor:
-    """Normalised p(x_{t-1} | x_t) (B, K+1, N) in float64 from p(x0 | x_t) (B, K, N), which need
-    not be normalised (the posterior is 1-homogeneous in p). Differentiable in p."""
-    p = p.double()
+def posterior_probs(p: Tensor, x_t: Tensor, coefs: Tensor, dtype=torch.float64) -> Tensor:
+    """Normalised p(x_{t-1} | x_t) (B, K+1, N) from p(x0 | x_t) (B, K, N), which need not be
+    normalised (the posterior is 1-homogeneous in p). Differentiable in p. Computed in `dtype`
+    (float64 for checking; the benchmarks also time it in float32 as the plain-PyTorch peer)."""
+    p = p.to(dtype)
     B, K, N = p.shape
-    a, b, c, A, Bc, C, Ap, Bp, Cp, t0 = [coefs.double()[:, i].view(B, 1, 1) for i in range(10)]
+    a, b, c, A, Bc, C, Ap, Bp, Cp, t0 = [coefs.to(dtype)[:, i].view(B, 1, 1) for i in range(10)]
     P = p.sum(1, keepdim=True)
     is_mask = (x_t == K).view(B, 1, N)
     m = x_t.clamp(max=K - 1).view(B, 1, N)
@@ -89,14 +90,16 @@ def q_sample(x0, coefs, K, *, generator=None) -> Tensor:
     return torch.multinomial(probs.permute(0, 2, 1).reshape(B * N, K1), 1, generator=generator).view(B, N)
 
 
-def vb_terms(logits: Tensor, x0: Tensor, x_t: Tensor, coefs: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-token (L_vb, L_aux) (B, N), float64, differentiable in logits."""
+def vb_terms(logits: Tensor, x0: Tensor, x_t: Tensor, coefs: Tensor,
+             dtype=torch.float64) -> Tuple[Tensor, Tensor]:
+    """Per-token (L_vb, L_aux) (B, N) in `dtype`, differentiable in logits."""
     B, K, N = logits.shape
-    log_p = torch.log_softmax(logits.double(), dim=1)
-    model = posterior_probs(log_p.exp(), x_t, coefs)
-    true = posterior_probs(F.one_hot(x0, K).permute(0, 2, 1).double(), x_t, coefs)
-    log_model = model.clamp_min(1e-300).log()
-    kl = torch.where(true > 0, true * (true.clamp_min(1e-300).log() - log_model), torch.zeros_like(true)).sum(1)
+    tiny = torch.finfo(dtype).tiny
+    log_p = torch.log_softmax(logits.to(dtype), dim=1)
+    model = posterior_probs(log_p.exp(), x_t, coefs, dtype)
+    true = posterior_probs(F.one_hot(x0, K).permute(0, 2, 1).to(dtype), x_t, coefs, dtype)
+    log_model = model.clamp_min(tiny).log()
+    kl = torch.where(true > 0, true * (true.clamp_min(tiny).log() - log_model), torch.zeros_like(true)).sum(1)
     ce = -log_p.gather(1, x0.view(B, 1, N)).squeeze(1)
     t0 = coefs[:, 9].view(B, 1) > 0
     return torch.where(t0, ce, kl), ce
