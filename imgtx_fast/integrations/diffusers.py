@@ -181,15 +181,15 @@ if _VQDiffusionPipeline is not None:
 
             latents_shape = (batch_size, self.transformer.num_latent_pixels)
             if latents is None:
-                mask_class = self.transformer.num_vector_embeds - 1
+                mask_class = self.transformer.config.num_vector_embeds - 1
                 latents = torch.full(latents_shape, mask_class).to(self.device)
             else:
                 if latents.shape != latents_shape:
                     raise ValueError(f"Unexpected latents shape, got {latents.shape}, expected {latents_shape}")
-                if (latents < 0).any() or (latents >= self.transformer.num_vector_embeds).any():
+                if (latents < 0).any() or (latents >= self.transformer.config.num_vector_embeds).any():
                     raise ValueError(
                         "Unexpected latents value(s). All latents be valid embedding indices i.e. in the range 0,"
-                        f" {self.transformer.num_vector_embeds - 1} (inclusive).")
+                        f" {self.transformer.config.num_vector_embeds - 1} (inclusive).")
                 latents = latents.to(self.device)
 
             use_fast_scheduler(self)  # in case the scheduler was swapped after construction
