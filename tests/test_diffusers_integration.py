@@ -263,6 +263,14 @@ def test_step_guided_without_uncond():
         assert out.shape == (2, 16)
     with pytest.raises(ValueError, match="model_output_uncond"):
         fast.step_guided(lp, None, 3, x, guidance_scale=2.0)
+    # a rate >= 1 keeps every class (the pipeline accepts any such rate); <= 0 is an error
+    ref = fast.step(lp, 3, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    for r in (1.0, 1.5, None):
+        out = fast.step_guided(lp, None, 3, x, guidance_scale=None, truncation_rate=r,
+                               generator=torch.Generator().manual_seed(0)).prev_sample
+        assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="truncation_rate"):
+        fast.step_guided(lp, None, 3, x, guidance_scale=None, truncation_rate=0.0)
 
 
 def test_step_determinism_and_timestep_types():
@@ -281,6 +289,8 @@ def test_step_determinism_and_timestep_types():
         assert torch.equal(run(t, 0).prev_sample, a)
     (b,) = run(40, 0, return_dict=False)
     assert torch.equal(a, b)
+    # float64 log-probs (which diffusers' step takes) are read as float32
+    assert torch.equal(fast.step(lp.double(), 40, x, generator=torch.Generator().manual_seed(0)).prev_sample, a)
     assert not torch.equal(run(40, 1).prev_sample, a)
     # a one-element list (what the pipeline may pass) is the generator itself
     assert torch.equal(fast.step(lp, 40, x, generator=[torch.Generator().manual_seed(0)]).prev_sample, a)
@@ -317,6 +327,19 @@ def test_config_round_trip(tmp_path):
         assert {k: v for k, v in sch.config.items() if not k.startswith("_")} == \
                {k: v for k, v in fast.config.items() if not k.startswith("_")}
     torch.testing.assert_close(loaded._imgtx_schedule.table, fast._imgtx_schedule.table)
+
+    # saved as a pipeline component, it is found again by diffusers' pipeline loader
+    from diffusers import DiffusionPipeline
+
+    class SchedulerOnly(DiffusionPipeline):
+        def __init__(self, scheduler):
+            super().__init__()
+            self.register_modules(scheduler=scheduler)
+
+    SchedulerOnly(fast).save_pretrained(tmp_path / "pipe")
+    reloaded = SchedulerOnly.from_pretrained(tmp_path / "pipe").scheduler
+    assert type(reloaded) is FastVQDiffusionScheduler
+    assert reloaded.config.num_train_timesteps == 10
 
 
 def test_optional_imports():

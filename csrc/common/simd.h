@@ -61,6 +61,13 @@ struct DoubleAcc {
     lo += __builtin_convertvector(a, H);
     hi += __builtin_convertvector(b, H);
   }
+  // The W per-lane sums, in lane order.
+  void lanes(double* out) const {
+    for (int i = 0; i < W / 2; ++i) {
+      out[i] = lo[i];
+      out[W / 2 + i] = hi[i];
+    }
+  }
   double sum() const {
     const H s = lo + hi;
     double r = 0.0;

@@ -51,6 +51,16 @@ struct Kernels {
 
   static constexpr float kInf = std::numeric_limits<float>::infinity();
 
+  // A bit pattern u with mass_above(u) >= (everything above bound): the float just below
+  // `bound` (rounded down by 1e-6 relative to absorb rounding), or -1 for bound <= 0.
+  static int64_t lower_bits(double bound) {
+    const float f = float(bound * (1.0 - 1e-6));
+    if (!(f > 0.f)) return -1;
+    int32_t bits;
+    std::memcpy(&bits, &f, sizeof(bits));
+    return int64_t(bits) - 1;
+  }
+
   // Lane i of the result is true for lanes whose class index i0 + i is < K.
   static I live_lanes(int64_t i0, int64_t K) {
     I idx;
@@ -109,10 +119,22 @@ struct Kernels {
     return total;
   }
 
-  // sum of e_j over j with bits(e_j) > u (e >= 0, so integer order is value order).
+  // sum of e_j over j with bits(e_j) > u (e >= 0, so integer order is value order): float
+  // partials of 4 vectors, combined in float64.
   static double mass_above(const float* e, int64_t Kp, int32_t u) {
     simd::DoubleAcc<W> acc;
-    for (int64_t i = 0; i < Kp; i += W) {
+    int64_t i = 0;
+    for (; i + 4 * W <= Kp; i += 4 * W) {
+      F part = F{};
+      for (int q = 0; q < 4; ++q) {
+        const F v = simd::load<W>(e + i + q * W);
+        I bits;
+        std::memcpy(&bits, &v, sizeof(bits));
+        part += bits > u ? v : F{};
+      }
+      acc.add(part);
+    }
+    for (; i < Kp; i += W) {
       const F v = simd::load<W>(e + i);
       I bits;
       std::memcpy(&bits, &v, sizeof(bits));
@@ -122,10 +144,12 @@ struct Kernels {
   }
 
   // Top-r truncation (spec): keeps { j : bits(e_j) >= u0 } with u0 the smallest u such that
-  // the mass strictly above u is < threshold = r * P; zeroes the rest and returns the kept
-  // mass. Bisection over the bit patterns: ~30 vector passes over an L1/L2-resident row.
-  static double truncate(float* e, int64_t Kp, double threshold, double* sums) {
-    int64_t lo = -1, hi = 0x3f800000;  // mass_above(-1) = P >= threshold; mass_above(1.0) = 0
+  // the mass strictly above u is < r P; zeroes the rest, refreshes the chunk sums and returns
+  // the kept mass. Bisection over the bit patterns, from the bound below which every class
+  // is dropped ((1 - r) P / K: at most K classes lie below it, holding < (1 - r) P).
+  static double truncate(float* e, int64_t Kp, double P, double r, int64_t K, double* sums) {
+    const double threshold = r * P;
+    int64_t lo = int64_t(lower_bits((1.0 - r) * P / double(K))), hi = 0x3f800000;
     while (hi - lo > 1) {
       const int64_t mid = lo + (hi - lo) / 2;
       if (mass_above(e, Kp, int32_t(mid)) < threshold) hi = mid; else lo = mid;
@@ -197,7 +221,7 @@ struct Kernels {
     }
     double P = exp_row(l, M, Kp, e, sc.sums);
     const bool truncating = p.truncation_rate < 1.f;
-    if (truncating) P = truncate(e, Kp, double(p.truncation_rate) * P, sc.sums);
+    if (truncating) P = truncate(e, Kp, P, double(p.truncation_rate), K, sc.sums);
     TokenCoefs k = mr::token_coefs(p.coefs + b * kMrCoefs, xt, K);
     const double p_s = k.s >= 0 ? double(e[k.s]) : 0.0;
     if (p.x_prev) {
@@ -390,13 +414,16 @@ inline void gather_group(const MrLogits& L, int64_t b, int64_t n0, int64_t count
 // Runs token_fn(b, n, scratch) over every token with per-worker scratch; ORs the statuses.
 // `inputs` are the logits the token functions read (null data: absent); when their class
 // stride is not 1 the driver gathers them kGroup tokens at a time into scratch rows.
+// Tokens [n_begin, tokens) of every sample.
 template <int W, class TokenFn>
 int for_each_token(int64_t batch, int64_t tokens, int64_t K, const MrLogits* inputs,
-                   int num_threads, TokenFn token_fn) {
+                   int num_threads, TokenFn token_fn, int64_t n_begin = 0) {
+  if (n_begin >= tokens || batch == 0) return kMrOk;
   const bool gather = inputs[0].stride_class != 1;
-  int64_t per_task = tokens_per_task(batch, tokens, num_threads);
+  const int64_t span = tokens - n_begin;
+  int64_t per_task = tokens_per_task(batch, span, num_threads);
   if (gather) per_task = (per_task + kGroup - 1) / kGroup * kGroup;
-  const int64_t tasks_per_sample = (tokens + per_task - 1) / per_task;
+  const int64_t tasks_per_sample = (span + per_task - 1) / per_task;
   const int64_t tasks = batch * tasks_per_sample;
   const int64_t Kp = padded(K, W), chunks = Kernels<W>::num_chunks(Kp);
   const int64_t group_floats = gather ? 2 * kGroup * Kp : 0;
@@ -412,7 +439,7 @@ int for_each_token(int64_t batch, int64_t tokens, int64_t K, const MrLogits* inp
     sc.sums = sums.data() + size_t(worker) * size_t(chunks);
     sc.pre[0] = sc.pre[1] = nullptr;
     const int64_t b = task / tasks_per_sample;
-    const int64_t n0 = (task % tasks_per_sample) * per_task;
+    const int64_t n0 = n_begin + (task % tasks_per_sample) * per_task;
     const int64_t n1 = n0 + per_task < tokens ? n0 + per_task : tokens;
     int local = 0;
     for (int64_t g0 = n0; g0 < n1; g0 += gather ? kGroup : n1 - n0) {
@@ -433,15 +460,39 @@ int for_each_token(int64_t batch, int64_t tokens, int64_t K, const MrLogits* inp
 }
 
 }  // namespace
+}  // namespace IMGTX_CPU_NS
+}  // namespace imgtx
+
+#include "diffusion/diffusion_cpu_lanes.h"
+
+namespace imgtx {
+namespace IMGTX_CPU_NS {
 
 template <int W>
 int mr_posterior_driver(const MrPosteriorParams& p, int num_threads) {
   const uint64_t seed = p.seed ? uint64_t(*p.seed) : 0;
   const MrLogits inputs[2] = {p.logp, p.logp_uncond};
-  return for_each_token<W>(p.batch, p.tokens, p.num_classes, inputs, num_threads,
-                           [&](int64_t b, int64_t n, const Scratch& sc) {
-                             return Kernels<W>::posterior_token(p, b, n, seed, sc);
-                           });
+  auto row = [&](int64_t b, int64_t n, const Scratch& sc) {
+    return Kernels<W>::posterior_token(p, b, n, seed, sc);
+  };
+  const bool lanes = p.logp.stride_token == 1 && p.logp.stride_class != 1 &&
+                     (!p.logp_uncond.data || p.logp_uncond.stride_token == 1) && p.tokens >= W;
+  if (!lanes) return for_each_token<W>(p.batch, p.tokens, p.num_classes, inputs, num_threads, row);
+  // W tokens per vector; the last tokens % W of each sample go through the row kernels.
+  const int64_t K = p.num_classes, groups = p.tokens / W, tasks = p.batch * groups;
+  const int64_t chunks = LaneKernels<W>::num_chunks(K);
+  const int workers = parallel_workers(tasks, num_threads);
+  std::vector<float> blocks(size_t(workers) * size_t(K) * W);
+  std::vector<double> sums(size_t(workers) * size_t(chunks) * W);
+  std::atomic<int> status{0};
+  parallel_for(tasks, num_threads, [&](int64_t task, int worker) {
+    const int s = LaneKernels<W>::posterior_group(
+        p, task / groups, (task % groups) * W, seed, blocks.data() + size_t(worker) * size_t(K) * W,
+        sums.data() + size_t(worker) * size_t(chunks) * W);
+    if (s) status.fetch_or(s, std::memory_order_relaxed);
+  });
+  return status.load() | for_each_token<W>(p.batch, p.tokens, K, inputs, num_threads, row,
+                                           groups * W);
 }
 
 template <int W>

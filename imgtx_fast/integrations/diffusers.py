@@ -18,7 +18,9 @@ from typing import Callable, List, Optional, Union
 import torch
 
 try:
-    from diffusers import VQDiffusionScheduler
+    # SchedulerMixin is re-exported on purpose: a saved pipeline records our scheduler under this
+    # module's path, and diffusers' loader looks the loadable base classes up in that module.
+    from diffusers import SchedulerMixin, VQDiffusionScheduler  # noqa: F401
     from diffusers.schedulers.scheduling_vq_diffusion import VQDiffusionSchedulerOutput
 except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -50,6 +52,13 @@ def _timestep(timestep):
     return operator.index(timestep)
 
 
+def _log_probs(x):
+    """The kernels read float32/16/bf16; diffusers' step also takes float64 (cast, a copy)."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
+        return x.float()
+    return x
+
+
 def _generator(generator):
     if isinstance(generator, (list, tuple)):
         if len(generator) != 1:
@@ -63,8 +72,9 @@ class FastVQDiffusionScheduler(VQDiffusionScheduler):
     """`VQDiffusionScheduler` whose `step` is one fused kernel call (same config, same API).
 
     Build it from any VQ-Diffusion scheduler config: ``FastVQDiffusionScheduler.from_config(
-    pipe.scheduler.config)``. `model_output` may be any (B, K, N) float view (e.g. a permuted
-    (B, N, K) buffer): it is read in place, and need not be normalised.
+    pipe.scheduler.config)``. `model_output` may be any (B, K, N) float32/float16/bfloat16 view
+    (e.g. a permuted (B, N, K) buffer): it is read in place, and need not be normalised
+    (float64 is accepted too, through a float32 copy).
     """
 
     @classmethod
@@ -87,8 +97,8 @@ class FastVQDiffusionScheduler(VQDiffusionScheduler):
              sample: torch.LongTensor, generator: Optional[torch.Generator] = None,
              return_dict: bool = True):
         """x_{t-1} ~ p(x_{t-1} | x_t), as `VQDiffusionScheduler.step` (at t = 0: x0 ~ model_output)."""
-        prev = posterior_sample(model_output, sample, _timestep(timestep), self._imgtx_schedule,
-                                _generator(generator))
+        prev = posterior_sample(_log_probs(model_output), sample, _timestep(timestep),
+                                self._imgtx_schedule, _generator(generator))
         return VQDiffusionSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
     def step_guided(self, model_output_cond: torch.Tensor,
@@ -99,14 +109,18 @@ class FastVQDiffusionScheduler(VQDiffusionScheduler):
         """One fused call for VQDiffusionPipeline's whole per-step sequence: classifier-free
         guidance ``u + s (c - u)``, logsumexp renormalisation, `truncate(truncation_rate)`,
         `clamp(-70)` and `step`. As in the pipeline, guidance applies only when
-        ``guidance_scale > 1``; otherwise `model_output_uncond` is ignored (it may be None)."""
+        ``guidance_scale > 1``; otherwise `model_output_uncond` is ignored (it may be None).
+        A truncation_rate >= 1 (or None) keeps every class, as in the pipeline."""
+        if truncation_rate is not None and truncation_rate >= 1.0:
+            truncation_rate = None
         kwargs = {"truncation_rate": truncation_rate}
         if guidance_scale is not None and guidance_scale > 1.0:
             if model_output_uncond is None:
                 raise ValueError("step_guided: guidance_scale > 1 needs model_output_uncond")
-            kwargs.update(guidance_scale=float(guidance_scale), log_p_x0_uncond=model_output_uncond)
-        prev = posterior_sample(model_output_cond, sample, _timestep(timestep), self._imgtx_schedule,
-                                _generator(generator), **kwargs)
+            kwargs.update(guidance_scale=float(guidance_scale),
+                          log_p_x0_uncond=_log_probs(model_output_uncond))
+        prev = posterior_sample(_log_probs(model_output_cond), sample, _timestep(timestep),
+                                self._imgtx_schedule, _generator(generator), **kwargs)
         return VQDiffusionSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
@@ -120,7 +134,7 @@ def use_fast_scheduler(pipe):
 def _missing_pipeline() -> ImportError:
     return ImportError(
         "FastVQDiffusionPipeline needs diffusers' VQDiffusionPipeline, which needs `transformers`: "
-        f"pip install imgtx_fast[diffusers] transformers ({_PIPELINE_IMPORT_ERROR})")
+        f"pip install imgtx_fast[diffusers] ({_PIPELINE_IMPORT_ERROR})")
 
 
 def fast_pipeline(pipe) -> "FastVQDiffusionPipeline":

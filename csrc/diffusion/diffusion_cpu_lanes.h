@@ -1,0 +1,283 @@
+// Token-parallel CPU kernels for logits whose token stride is 1 (diffusers' contiguous
+// (B, K, N) model output): one SIMD vector holds W consecutive tokens at one class, so every
+// load is a contiguous run and no transposition is needed. Included by diffusion_cpu_driver.h
+// inside the ISA namespace; the per-token float64 math is the same mr_token_math.h as the row
+// kernels, so both paths draw the same distribution (the row path serves other layouts and
+// the last N mod W tokens).
+//
+// A group's working set is its K x W block of p (256 KB at K = 4096, W = 16: L2-resident),
+// plus per-lane chunk sums for the inverse-CDF search.
+#pragma once
+
+namespace imgtx {
+namespace IMGTX_CPU_NS {
+namespace {
+
+template <int W>
+struct LaneKernels {
+  typedef typename simd::Vec<W>::F F;
+  typedef typename simd::Vec<W>::I I;
+  static constexpr float kInf = std::numeric_limits<float>::infinity();
+  static constexpr int64_t kChunk = 64;  // classes per chunk sum
+  static constexpr int64_t kAhead = 16;  // prefetch distance of the max pass, in classes
+  static int64_t num_chunks(int64_t K) { return (K + kChunk - 1) / kChunk; }
+
+  // W tokens of class j: base + j * stride_class, as float.
+  static F load_lanes(const MrLogits& L, int64_t base, int64_t j) {
+    const int64_t at = base + j * L.stride_class;
+    if (L.dtype == DType::kFloat32) return simd::load<W>(static_cast<const float*>(L.data) + at);
+    float tmp[W];
+    load_strided_as_float(L.data, at, 1, W, L.dtype, tmp);
+    return simd::load<W>(tmp);
+  }
+
+  // The logits (guided when an unconditional input is given) of class j for the group.
+  static F guided(const MrPosteriorParams& p, int64_t base_c, int64_t base_u, int64_t j) {
+    const F lc = load_lanes(p.logp, base_c, j);
+    if (!p.logp_uncond.data) return lc;
+    const F lu = load_lanes(p.logp_uncond, base_u, j);
+    return lu + p.guidance_scale * (lc - lu);
+  }
+
+  // E = exp(E - M) in place; per-lane chunk sums into sums[c * W + lane]; returns per-lane P.
+  static void exp_block(float* E, int64_t K, F M, double* sums, double* P) {
+    for (int i = 0; i < W; ++i) P[i] = 0.0;
+    for (int64_t j0 = 0, c = 0; j0 < K; j0 += kChunk, ++c) {
+      const int64_t j1 = j0 + kChunk < K ? j0 + kChunk : K;
+      simd::DoubleAcc<W> acc;
+      for (int64_t j = j0; j < j1; j += 4) {
+        F part = F{};
+        for (int64_t q = j; q < j + 4 && q < j1; ++q) {
+          const F v = simd::exp<W>(simd::load<W>(E + q * W) - M);
+          simd::store<W>(E + q * W, v);
+          part += v;
+        }
+        acc.add(part);
+      }
+      acc.lanes(sums + c * W);
+      for (int i = 0; i < W; ++i) P[i] += sums[c * W + i];
+    }
+  }
+
+  // Per-lane chunk sums and totals of E (after truncation zeroed some entries).
+  static void block_sums(const float* E, int64_t K, double* sums, double* P) {
+    for (int i = 0; i < W; ++i) P[i] = 0.0;
+    for (int64_t j0 = 0, c = 0; j0 < K; j0 += kChunk, ++c) {
+      const int64_t j1 = j0 + kChunk < K ? j0 + kChunk : K;
+      simd::DoubleAcc<W> acc;
+      for (int64_t j = j0; j < j1; j += 4) {
+        F part = F{};
+        for (int64_t q = j; q < j + 4 && q < j1; ++q) part += simd::load<W>(E + q * W);
+        acc.add(part);
+      }
+      acc.lanes(sums + c * W);
+      for (int i = 0; i < W; ++i) P[i] += sums[c * W + i];
+    }
+  }
+
+  // Per-lane top-r truncation: the row kernel's bisection (same bound, same decision rule),
+  // run for the W tokens at once with per-lane bounds.
+  static void truncate(float* E, int64_t K, double r, double* sums, double* P) {
+    int32_t lo[W], hi[W];
+    double thr[W];
+    for (int i = 0; i < W; ++i) {
+      lo[i] = int32_t(Kernels<W>::lower_bits((1.0 - r) * P[i] / double(K)));
+      hi[i] = 0x3f800000;
+      thr[i] = r * P[i];
+    }
+    for (;;) {
+      bool open = false;
+      I mid;
+      for (int i = 0; i < W; ++i) {
+        mid[i] = lo[i] + (hi[i] - lo[i]) / 2;
+        open |= hi[i] - lo[i] > 1;
+      }
+      if (!open) break;
+      simd::DoubleAcc<W> acc;
+      for (int64_t j = 0; j < K; j += 4) {
+        F part = F{};
+        for (int64_t q = j; q < j + 4 && q < K; ++q) {
+          const F v = simd::load<W>(E + q * W);
+          I bits;
+          std::memcpy(&bits, &v, sizeof(bits));
+          part += bits > mid ? v : F{};
+        }
+        acc.add(part);
+      }
+      double above[W];
+      acc.lanes(above);
+      for (int i = 0; i < W; ++i) {
+        if (hi[i] - lo[i] <= 1) continue;
+        if (above[i] < thr[i]) hi[i] = mid[i]; else lo[i] = mid[i];
+      }
+    }
+    I u0;
+    for (int i = 0; i < W; ++i) u0[i] = hi[i];
+    for (int64_t j = 0; j < K; ++j) {
+      const F v = simd::load<W>(E + j * W);
+      I bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      simd::store<W>(E + j * W, bits >= u0 ? v : F{});
+    }
+    block_sums(E, K, sums, P);
+  }
+
+  // Inverse-CDF search of lane i: first class whose cumulative weight exceeds target.
+  static int64_t scan(const float* E, int64_t K, const double* sums, int i, double target) {
+    const int64_t chunks = num_chunks(K);
+    double cum = 0.0;
+    int64_t c = 0;
+    for (; c + 1 < chunks && cum + sums[c * W + i] <= target; ++c) cum += sums[c * W + i];
+    for (int64_t j = c * kChunk; j < K; ++j) {
+      const float e = E[j * W + i];
+      cum += double(e);
+      if (e > 0.f && cum > target) return j;
+    }
+    int64_t j = K - 1;
+    while (j > 0 && !(E[j * W + i] > 0.f)) --j;
+    return j;
+  }
+
+  // Tokens n0 .. n0 + W - 1 of sample b. E: K * W floats; sums: num_chunks(K) * W doubles.
+  static int posterior_group(const MrPosteriorParams& p, int64_t b, int64_t n0, uint64_t seed,
+                             float* E, double* sums) {
+    const int64_t K = p.num_classes, N = p.tokens;
+    const int64_t base_c = b * p.logp.stride_batch + n0 * p.logp.stride_token;
+    const int64_t base_u = p.logp_uncond.data
+                               ? b * p.logp_uncond.stride_batch + n0 * p.logp_uncond.stride_token
+                               : 0;
+    F M = simd::splat<W>(-kInf);
+    I bad = I{};
+    // Each class of the group sits in its own row of the logits (4 KB apart at N = 1024), a
+    // pattern the hardware prefetchers do not follow: prefetch kAhead classes ahead so the
+    // DRAM misses overlap instead of stalling one by one (measured: the max pass was ~2/3 of
+    // the step's time without it).
+    const int64_t dtsize = dtype_size(p.logp.dtype);
+    const char* pc = static_cast<const char*>(p.logp.data) + base_c * dtsize;
+    const char* pu = p.logp_uncond.data
+                         ? static_cast<const char*>(p.logp_uncond.data) + base_u * dtsize
+                         : nullptr;
+    const int64_t sc = p.logp.stride_class * dtsize;
+    const int64_t su = p.logp_uncond.data ? p.logp_uncond.stride_class * dtsize : 0;
+    for (int64_t j = 0; j < K; ++j) {
+      if (j + kAhead < K) {
+        __builtin_prefetch(pc + (j + kAhead) * sc);
+        if (pu) __builtin_prefetch(pu + (j + kAhead) * su);
+      }
+      const F v = guided(p, base_c, base_u, j);
+      simd::store<W>(E + j * W, v);
+      M = v > M ? v : M;
+      bad |= (v != v) | (v == kInf);
+    }
+    bad |= M == -kInf;
+    int64_t xt[W];
+    int status = 0;
+    bool any_bad = false;
+    for (int i = 0; i < W; ++i) {
+      xt[i] = p.x_t.data[b * p.x_t.stride_batch + (n0 + i) * p.x_t.stride_token];
+      const bool bad_index = xt[i] < 0 || xt[i] > K;
+      status |= (bad[i] ? kMrBadLogits : 0) | (bad_index ? kMrBadIndex : 0);
+      if (bad[i] || bad_index) {
+        bad[i] = -1;
+        M[i] = 0.f;  // keeps the lane's arithmetic finite; its outputs are overwritten
+        any_bad = true;
+      }
+    }
+    double P[W];
+    exp_block(E, K, M, sums, P);
+    const bool truncating = p.truncation_rate < 1.f;
+    if (truncating) truncate(E, K, double(p.truncation_rate), sums, P);
+    TokenCoefs k[W];
+    double p_s[W];
+    for (int i = 0; i < W; ++i) {
+      k[i] = mr::token_coefs(p.coefs + b * kMrCoefs, bad[i] ? K : xt[i], K);
+      p_s[i] = k[i].s >= 0 ? double(E[k[i].s * W + i]) : 0.0;
+    }
+    if (p.x_prev) {
+      for (int i = 0; i < W; ++i) {
+        int64_t idx = -1;
+        if (!bad[i]) {
+          double u0, u1;
+          philox_uniform2(seed, uint64_t(b * N + n0 + i), kMrStreamPosterior, &u0, &u1);
+          const mr::SampleChoice c = mr::choose(k[i], K, P[i], p_s[i], u0, u1);
+          idx = c.index;
+          if (idx < 0) {
+            const int64_t s = k[i].s;
+            if (s >= 0) {  // x_t's own class carries u_s, not u_g
+              float& e = E[s * W + i];
+              const float old = e;
+              e = float(double(old) * c.scan_special_factor);
+              sums[(s / kChunk) * W + i] += double(e) - double(old);
+            }
+            idx = scan(E, K, sums, i, c.scan_target);
+          }
+        }
+        p.x_prev[b * N + n0 + i] = idx;
+      }
+      return status;
+    }
+    write_log_probs(p, b, n0, base_c, base_u, E, M, P, p_s, k, truncating);
+    if (any_bad) {
+      for (int i = 0; i < W; ++i) {
+        if (!bad[i]) continue;
+        float* out = p.log_probs + b * p.out_stride_batch + (n0 + i) * p.out_stride_token;
+        for (int64_t j = 0; j <= K; ++j)
+          out[j * p.out_stride_class] = std::numeric_limits<float>::quiet_NaN();
+      }
+    }
+    return status;
+  }
+
+  // Normalised log pi for the group; per lane exactly the row kernel's formulas.
+  static void write_log_probs(const MrPosteriorParams& p, int64_t b, int64_t n0, int64_t base_c,
+                              int64_t base_u, const float* E, F M, const double* P,
+                              const double* p_s, TokenCoefs* k, bool truncating) {
+    const int64_t K = p.num_classes;
+    F ug, vy, lp, shift;
+    I log_space;  // lanes at t = 0 (v_g = 0): log(u p) = log u + l - M, recomputed from l
+    double Y[W], log_pi[W];
+    for (int i = 0; i < W; ++i) {
+      Y[i] = mr::token_y(k[i], P[i], p_s[i]);
+      mr::normalise(&k[i], Y[i]);
+      log_pi[i] = std::log(mr::pi_total(k[i], K, P[i], p_s[i], Y[i]));
+      ug[i] = float(k[i].u_g);
+      vy[i] = float(k[i].v_g * Y[i]);
+      lp[i] = float(log_pi[i]);
+      log_space[i] = k[i].v_g == 0.0 ? -1 : 0;
+      shift[i] = k[i].v_g == 0.0 ? float(std::log(k[i].u_g) - log_pi[i]) - M[i] : 0.f;
+    }
+    bool any_log_space = false;
+    for (int i = 0; i < W; ++i) any_log_space |= log_space[i] != 0;
+    float* out = p.log_probs + b * p.out_stride_batch + n0 * p.out_stride_token;
+    const bool vector_store = p.out_stride_token == 1;
+    for (int64_t j = 0; j < K; ++j) {
+      const F e = simd::load<W>(E + j * W);
+      F pi = ug * e + vy;
+      pi = pi > mr::kPiFloor ? pi : simd::splat<W>(mr::kPiFloor);
+      F v = simd::log<W>(pi) - lp;
+      if (any_log_space) {
+        F l = guided(p, base_c, base_u, j) + shift;
+        if (truncating) l = e > 0.f ? l : simd::splat<W>(-kInf);
+        v = log_space ? l : v;
+      }
+      if (vector_store) {
+        simd::store<W>(out + j * p.out_stride_class, v);
+      } else {
+        for (int i = 0; i < W; ++i) out[j * p.out_stride_class + i * p.out_stride_token] = v[i];
+      }
+    }
+    for (int i = 0; i < W; ++i) {
+      float* o = out + i * p.out_stride_token;
+      if (k[i].s >= 0 && k[i].v_g != 0.0) {
+        const double pis = k[i].u_s * p_s[i] + k[i].v_s * Y[i];
+        o[k[i].s * p.out_stride_class] = pis > 0.0 ? float(std::log(pis) - log_pi[i]) : -kInf;
+      }
+      o[K * p.out_stride_class] =
+          k[i].w > 0.0 ? float(std::log(k[i].w * Y[i]) - log_pi[i]) : -kInf;
+    }
+  }
+};
+
+}  // namespace
+}  // namespace IMGTX_CPU_NS
+}  // namespace imgtx
