@@ -47,6 +47,23 @@ inline float hmax(V v, int W) {
   return m;
 }
 
+// The low and high halves of a W-lane float vector as W/2-lane vectors (register shuffles:
+// going through memory would put the caller's accumulators on the stack).
+template <int W>
+struct Halves;
+template <>
+struct Halves<16> {
+  static Vec<8>::F lo(Vec<16>::F v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
+  static Vec<8>::F hi(Vec<16>::F v) {
+    return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+};
+template <>
+struct Halves<8> {
+  static Vec<4>::F lo(Vec<8>::F v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3); }
+  static Vec<4>::F hi(Vec<8>::F v) { return __builtin_shufflevector(v, v, 4, 5, 6, 7); }
+};
+
 // A float64 accumulator for W float lanes, held as two native-width double vectors: a single
 // 2W-byte double vector (Vec<W>::D) is wider than a register and GCC spills it to the stack
 // on every add (measured: a 5x slower loop).
@@ -55,11 +72,8 @@ struct DoubleAcc {
   typedef typename Vec<W / 2>::D H;
   H lo{}, hi{};
   void add(typename Vec<W>::F v) {
-    typename Vec<W / 2>::F a, b;
-    std::memcpy(&a, &v, sizeof(a));
-    std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
-    lo += __builtin_convertvector(a, H);
-    hi += __builtin_convertvector(b, H);
+    lo += __builtin_convertvector(Halves<W>::lo(v), H);
+    hi += __builtin_convertvector(Halves<W>::hi(v), H);
   }
   // The W per-lane sums, in lane order.
   void lanes(double* out) const {

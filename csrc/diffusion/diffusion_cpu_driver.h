@@ -125,14 +125,13 @@ struct Kernels {
     simd::DoubleAcc<W> acc;
     int64_t i = 0;
     for (; i + 4 * W <= Kp; i += 4 * W) {
-      F part = F{};
-      for (int q = 0; q < 4; ++q) {
+      auto sel = [&](int q) {
         const F v = simd::load<W>(e + i + q * W);
         I bits;
         std::memcpy(&bits, &v, sizeof(bits));
-        part += bits > u ? v : F{};
-      }
-      acc.add(part);
+        return bits > u ? v : F{};
+      };
+      acc.add((sel(0) + sel(1)) + (sel(2) + sel(3)));
     }
     for (; i < Kp; i += W) {
       const F v = simd::load<W>(e + i);
@@ -150,9 +149,18 @@ struct Kernels {
   static double truncate(float* e, int64_t Kp, double P, double r, int64_t K, double* sums) {
     const double threshold = r * P;
     int64_t lo = int64_t(lower_bits((1.0 - r) * P / double(K))), hi = 0x3f800000;
-    while (hi - lo > 1) {
+    // Stops early once no class lies in (lo, hi] (see LaneKernels::truncate).
+    double h_lo = std::numeric_limits<double>::quiet_NaN(), h_hi = 0.0;
+    while (hi - lo > 1 && h_lo != h_hi) {
       const int64_t mid = lo + (hi - lo) / 2;
-      if (mass_above(e, Kp, int32_t(mid)) < threshold) hi = mid; else lo = mid;
+      const double above = mass_above(e, Kp, int32_t(mid));
+      if (above < threshold) {
+        hi = mid;
+        h_hi = above;
+      } else {
+        lo = mid;
+        h_lo = above;
+      }
     }
     const int32_t u0 = int32_t(hi);
     for (int64_t i = 0; i < Kp; i += W) {
@@ -478,18 +486,28 @@ int mr_posterior_driver(const MrPosteriorParams& p, int num_threads) {
   const bool lanes = p.logp.stride_token == 1 && p.logp.stride_class != 1 &&
                      (!p.logp_uncond.data || p.logp_uncond.stride_token == 1) && p.tokens >= W;
   if (!lanes) return for_each_token<W>(p.batch, p.tokens, p.num_classes, inputs, num_threads, row);
-  // W tokens per vector; the last tokens % W of each sample go through the row kernels.
-  const int64_t K = p.num_classes, groups = p.tokens / W, tasks = p.batch * groups;
-  const int64_t chunks = LaneKernels<W>::num_chunks(K);
+  // W tokens per vector, kTileGroups vectors per task; the last tokens % W of each sample go
+  // through the row kernels.
+  typedef LaneKernels<W> L;
+  const int64_t K = p.num_classes, groups = p.tokens / W;
+  const int64_t tiles = (groups + L::kTileGroups - 1) / L::kTileGroups, tasks = p.batch * tiles;
+  const int64_t chunks = L::num_chunks(K);
   const int workers = parallel_workers(tasks, num_threads);
   std::vector<float> blocks(size_t(workers) * size_t(K) * W);
   std::vector<double> sums(size_t(workers) * size_t(chunks) * W);
   std::atomic<int> status{0};
   parallel_for(tasks, num_threads, [&](int64_t task, int worker) {
-    const int s = LaneKernels<W>::posterior_group(
-        p, task / groups, (task % groups) * W, seed, blocks.data() + size_t(worker) * size_t(K) * W,
-        sums.data() + size_t(worker) * size_t(chunks) * W);
-    if (s) status.fetch_or(s, std::memory_order_relaxed);
+    const int64_t b = task / tiles, g0 = (task % tiles) * L::kTileGroups;
+    const int64_t count = g0 + L::kTileGroups < groups ? L::kTileGroups : groups - g0;
+    typename L::F M[L::kTileGroups];
+    typename L::I bad[L::kTileGroups];
+    L::tile_max(p, b, g0 * W, count, M, bad);
+    int local = 0;
+    for (int64_t g = 0; g < count; ++g)
+      local |= L::posterior_group(p, b, (g0 + g) * W, seed, M[g], bad[g],
+                                  blocks.data() + size_t(worker) * size_t(K) * W,
+                                  sums.data() + size_t(worker) * size_t(chunks) * W);
+    if (local) status.fetch_or(local, std::memory_order_relaxed);
   });
   return status.load() | for_each_token<W>(p.batch, p.tokens, K, inputs, num_threads, row,
                                            groups * W);

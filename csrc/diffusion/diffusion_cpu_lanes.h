@@ -19,7 +19,7 @@ struct LaneKernels {
   typedef typename simd::Vec<W>::I I;
   static constexpr float kInf = std::numeric_limits<float>::infinity();
   static constexpr int64_t kChunk = 64;  // classes per chunk sum
-  static constexpr int64_t kAhead = 16;  // prefetch distance of the max pass, in classes
+  static constexpr int64_t kTileGroups = 8;  // groups per tile_max call: 512 B runs per row
   static int64_t num_chunks(int64_t K) { return (K + kChunk - 1) / kChunk; }
 
   // W tokens of class j: base + j * stride_class, as float.
@@ -39,8 +39,10 @@ struct LaneKernels {
     return lu + p.guidance_scale * (lc - lu);
   }
 
-  // E = exp(E - M) in place; per-lane chunk sums into sums[c * W + lane]; returns per-lane P.
-  static void exp_block(float* E, int64_t K, F M, double* sums, double* P) {
+  // E = exp(l - M) with l re-read from the logits (an L2/L3 hit after the tile's max pass);
+  // per-lane chunk sums into sums[c * W + lane]; per-lane totals into P.
+  static void exp_block(const MrPosteriorParams& p, int64_t base_c, int64_t base_u, float* E,
+                        int64_t K, F M, double* sums, double* P) {
     for (int i = 0; i < W; ++i) P[i] = 0.0;
     for (int64_t j0 = 0, c = 0; j0 < K; j0 += kChunk, ++c) {
       const int64_t j1 = j0 + kChunk < K ? j0 + kChunk : K;
@@ -48,7 +50,7 @@ struct LaneKernels {
       for (int64_t j = j0; j < j1; j += 4) {
         F part = F{};
         for (int64_t q = j; q < j + 4 && q < j1; ++q) {
-          const F v = simd::exp<W>(simd::load<W>(E + q * W) - M);
+          const F v = simd::exp<W>(guided(p, base_c, base_u, q) - M);
           simd::store<W>(E + q * W, v);
           part += v;
         }
@@ -75,8 +77,9 @@ struct LaneKernels {
     }
   }
 
-  // Per-lane top-r truncation: the row kernel's bisection (same bound, same decision rule),
-  // run for the W tokens at once with per-lane bounds.
+  // Per-lane top-r truncation: the row kernel's search (same bound, same decision rule, see
+  // Kernels::truncate), run for the W tokens at once with per-lane bounds. A pass streams the
+  // K x W block from L2, so its bandwidth, not the compares, sets the cost of a pass.
   static void truncate(float* E, int64_t K, double r, double* sums, double* P) {
     int32_t lo[W], hi[W];
     double thr[W];
@@ -85,6 +88,8 @@ struct LaneKernels {
       hi[i] = 0x3f800000;
       thr[i] = r * P[i];
     }
+    const I int_min = I{} + std::numeric_limits<int32_t>::min();
+    const I int_max = I{} + std::numeric_limits<int32_t>::max();
     for (;;) {
       bool open = false;
       I mid;
@@ -93,22 +98,36 @@ struct LaneKernels {
         open |= hi[i] - lo[i] > 1;
       }
       if (!open) break;
+      // 8 classes per step summed as a tree (no add chain), then one float64 add; plus the
+      // nearest class values on both sides of mid, to snap the bounds onto classes.
       simd::DoubleAcc<W> acc;
-      for (int64_t j = 0; j < K; j += 4) {
-        F part = F{};
-        for (int64_t q = j; q < j + 4 && q < K; ++q) {
-          const F v = simd::load<W>(E + q * W);
-          I bits;
-          std::memcpy(&bits, &v, sizeof(bits));
-          part += bits > mid ? v : F{};
-        }
-        acc.add(part);
+      I below = int_min, above_min = int_max;
+      auto sel = [&](int64_t q) {
+        const F v = simd::load<W>(E + q * W);
+        I bits;
+        std::memcpy(&bits, &v, sizeof(bits));
+        const I gt = bits > mid;
+        const I b_lo = gt ? int_min : bits, b_hi = gt ? bits : int_max;
+        below = b_lo > below ? b_lo : below;
+        above_min = b_hi < above_min ? b_hi : above_min;
+        return gt ? v : F{};
+      };
+      int64_t j = 0;
+      for (; j + 8 <= K; j += 8) {
+        const F s01 = sel(j) + sel(j + 1), s23 = sel(j + 2) + sel(j + 3);
+        const F s45 = sel(j + 4) + sel(j + 5), s67 = sel(j + 6) + sel(j + 7);
+        acc.add((s01 + s23) + (s45 + s67));
       }
-      double above[W];
-      acc.lanes(above);
+      for (; j < K; ++j) acc.add(sel(j));
+      double mass[W];
+      acc.lanes(mass);
       for (int i = 0; i < W; ++i) {
         if (hi[i] - lo[i] <= 1) continue;
-        if (above[i] < thr[i]) hi[i] = mid[i]; else lo[i] = mid[i];
+        if (mass[i] < thr[i]) {
+          hi[i] = below[i] > lo[i] ? below[i] : lo[i] + 1;  // h is constant on [below, mid]
+        } else {
+          lo[i] = above_min[i] - 1;  // h is constant on [mid, above_min)
+        }
       }
     }
     I u0;
@@ -138,37 +157,39 @@ struct LaneKernels {
     return j;
   }
 
-  // Tokens n0 .. n0 + W - 1 of sample b. E: K * W floats; sums: num_chunks(K) * W doubles.
+  // Per-group max and non-finite flags for `groups` consecutive groups of W tokens from
+  // token n0, reading the logits row by row (groups * W tokens of each class are contiguous:
+  // long DRAM runs instead of one cache line per row).
+  static void tile_max(const MrPosteriorParams& p, int64_t b, int64_t n0, int64_t groups, F* M,
+                       I* bad) {
+    const int64_t K = p.num_classes;
+    const int64_t base_c = b * p.logp.stride_batch + n0 * p.logp.stride_token;
+    const int64_t base_u = p.logp_uncond.data
+                               ? b * p.logp_uncond.stride_batch + n0 * p.logp_uncond.stride_token
+                               : 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      M[g] = simd::splat<W>(-kInf);
+      bad[g] = I{};
+    }
+    for (int64_t j = 0; j < K; ++j) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const F v = guided(p, base_c + g * W * p.logp.stride_token,
+                           base_u + g * W * p.logp_uncond.stride_token, j);
+        M[g] = v > M[g] ? v : M[g];
+        bad[g] |= (v != v) | (v == kInf);
+      }
+    }
+  }
+
+  // Tokens n0 .. n0 + W - 1 of sample b, given their max M and flags from tile_max.
+  // E: K * W floats; sums: num_chunks(K) * W doubles.
   static int posterior_group(const MrPosteriorParams& p, int64_t b, int64_t n0, uint64_t seed,
-                             float* E, double* sums) {
+                             F M, I bad, float* E, double* sums) {
     const int64_t K = p.num_classes, N = p.tokens;
     const int64_t base_c = b * p.logp.stride_batch + n0 * p.logp.stride_token;
     const int64_t base_u = p.logp_uncond.data
                                ? b * p.logp_uncond.stride_batch + n0 * p.logp_uncond.stride_token
                                : 0;
-    F M = simd::splat<W>(-kInf);
-    I bad = I{};
-    // Each class of the group sits in its own row of the logits (4 KB apart at N = 1024), a
-    // pattern the hardware prefetchers do not follow: prefetch kAhead classes ahead so the
-    // DRAM misses overlap instead of stalling one by one (measured: the max pass was ~2/3 of
-    // the step's time without it).
-    const int64_t dtsize = dtype_size(p.logp.dtype);
-    const char* pc = static_cast<const char*>(p.logp.data) + base_c * dtsize;
-    const char* pu = p.logp_uncond.data
-                         ? static_cast<const char*>(p.logp_uncond.data) + base_u * dtsize
-                         : nullptr;
-    const int64_t sc = p.logp.stride_class * dtsize;
-    const int64_t su = p.logp_uncond.data ? p.logp_uncond.stride_class * dtsize : 0;
-    for (int64_t j = 0; j < K; ++j) {
-      if (j + kAhead < K) {
-        __builtin_prefetch(pc + (j + kAhead) * sc);
-        if (pu) __builtin_prefetch(pu + (j + kAhead) * su);
-      }
-      const F v = guided(p, base_c, base_u, j);
-      simd::store<W>(E + j * W, v);
-      M = v > M ? v : M;
-      bad |= (v != v) | (v == kInf);
-    }
     bad |= M == -kInf;
     int64_t xt[W];
     int status = 0;
@@ -184,7 +205,7 @@ struct LaneKernels {
       }
     }
     double P[W];
-    exp_block(E, K, M, sums, P);
+    exp_block(p, base_c, base_u, E, K, M, sums, P);
     const bool truncating = p.truncation_rate < 1.f;
     if (truncating) truncate(E, K, double(p.truncation_rate), sums, P);
     TokenCoefs k[W];
