@@ -10,21 +10,17 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "common/cpu_features.h"
 #include "imgtx/codebook.h"
 
+void run_diffusion_tests();  // test_diffusion.cpp
+
 namespace {
 
-int g_passed = 0, g_failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAIL: %s\n", what.c_str());
-  }
-}
+using imgtx_test::check;
+using imgtx_test::g_failed;
+using imgtx_test::g_passed;
 
 // Brute-force float64 argmin over codes with finite entries (lowest index on ties).
 int64_t brute_force(const std::vector<float>& z, int64_t zoff, int64_t zstride,
@@ -158,6 +154,7 @@ int main() {
     test_half_inputs(isa);
   }
   test_bad_arguments();
+  run_diffusion_tests();
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed ? 1 : 0;
 }
