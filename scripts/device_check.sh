@@ -40,6 +40,12 @@ if command -v compute-sanitizer >/dev/null; then
     "$PY" -m pytest tests/test_codebook_cuda.py -q -x -k "matches_cpu and 129 or ties"
   step "racecheck" racecheck.log compute-sanitizer --tool racecheck --error-exitcode 9 \
     "$PY" -m pytest tests/test_codebook_cuda.py -q -x -k "matches_cpu and 129 and l2"
+  step "sanitizer (diffusion)" sanitizer_diffusion.log compute-sanitizer --tool memcheck \
+    --error-exitcode 9 "$PY" -m pytest tests/test_diffusion_cuda.py -q -x \
+    -k "(log_probs and 2-7-33 and float32) or (vb_terms and 3-7-11) or bad_input"
+  step "racecheck (diffusion)" racecheck_diffusion.log compute-sanitizer --tool racecheck \
+    --error-exitcode 9 "$PY" -m pytest tests/test_diffusion_cuda.py -q -x \
+    -k "log_probs and 3-64-17 and float32 and token"
 else
   status+=("compute-sanitizer         SKIP  (not installed)")
 fi
@@ -53,3 +59,4 @@ echo
 echo "==== device_check summary ($(cat "$OUT/gpu.txt" | head -1)) ===="
 printf '%s\n' "${status[@]}"
 grep -A 16 "codebook_lookup GPU summary" "$OUT/bench.log" 2>/dev/null | head -16
+grep -A 12 "mask-and-replace diffusion summary" "$OUT/bench.log" 2>/dev/null | head -12

@@ -99,11 +99,15 @@ class MaskAndReplaceSchedule:
         if t.shape != (batch,):
             raise ValueError(f"{op}: t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
         t = t.to(device=device, dtype=torch.int64)
-        if t.device.type == "cpu":
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
-                raise ValueError(f"{op}: t must be in [0, {T}), got values in [{int(t.min())}, {int(t.max())}]")
-        else:
-            torch._assert_async(((t >= 0) & (t < T)).all(), f"{op}: t must be in [0, {T})")
+        # On a GPU this reads two numbers back (a small sync); under CUDA-graph capture it
+        # cannot, and an out-of-range t is clamped by the gather instead of raising.
+        capturing = t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if t.numel() and not capturing:
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= T:
+                raise ValueError(f"{op}: t must be in [0, {T}), got values in [{lo}, {hi}]")
+        if capturing:
+            t = t.clamp(0, T - 1)
         return t
 
     def coefs(self, t: Union[int, Tensor], batch: int, device, op: str = "MaskAndReplaceSchedule") -> Tensor:

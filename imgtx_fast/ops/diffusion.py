@@ -42,8 +42,12 @@ def _cuda_status(device) -> Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
-def _assert_status(status: Tensor, op: str) -> None:
-    torch._assert_async(status[0] == 0, f"{op}: bad input (NaN/inf logits or an index out of range)")
+def _check_cuda_status(status: Tensor, op: str, logits_name: str, index_msg: str) -> None:
+    """Reads the kernels' status word (one small sync) and raises like the CPU path. While a
+    CUDA graph is being captured it cannot be read: bad tokens then come back as -1 / NaN."""
+    if torch.cuda.is_current_stream_capturing():
+        return
+    _raise_status(int(status.item()), op, logits_name, index_msg)
 
 
 def log_probs_layout(logp: Tensor) -> Tensor:
@@ -64,6 +68,7 @@ def _posterior(logp, logp_uncond, x_t, coefs, seed, guidance_scale, truncation_r
         out_arg = (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2))
     if B * N == 0:
         return x_prev if sample else out
+    name = "log_p_x0" if logp_uncond is None else "the guided log-probs (log_p_x0 with log_p_x0_uncond)"
     uncond = _logits_arg(logp_uncond, "log_p_x0_uncond", op) if logp_uncond is not None else (0, 0, 0, 0, 0)
     args = (B, K, N, _logits_arg(logp, "log_p_x0", op), uncond, float(guidance_scale),
             float(truncation_rate), _index_arg(x_t), coefs.data_ptr(),
@@ -72,9 +77,9 @@ def _posterior(logp, logp_uncond, x_t, coefs, seed, guidance_scale, truncation_r
         with torch.cuda.device(logp.device):
             status = _cuda_status(logp.device)
             _C.mr_posterior_cuda(*args, status.data_ptr(), cuda_stream(logp))
-            _assert_status(status, op)
+        _check_cuda_status(status, op, name, f"x_t has values outside [0, {K}]")
     else:
-        _raise_status(_C.mr_posterior_cpu(*args, num_threads()), op, "log_p_x0",
+        _raise_status(_C.mr_posterior_cpu(*args, num_threads()), op, name,
                       f"x_t has values outside [0, {K}]")
     return x_prev if sample else out
 
@@ -114,7 +119,7 @@ def mr_q_sample(x0: Tensor, coefs: Tensor, seed: Tensor, num_classes: int) -> Te
         with torch.cuda.device(x0.device):
             status = _cuda_status(x0.device)
             _C.mr_q_sample_cuda(*args, status.data_ptr(), cuda_stream(x0))
-            _assert_status(status, "q_sample")
+        _check_cuda_status(status, "q_sample", "", f"x0 has values outside [0, {num_classes})")
     else:
         _raise_status(_C.mr_q_sample_cpu(*args, num_threads()), "q_sample", "",
                       f"x0 has values outside [0, {num_classes})")
@@ -142,7 +147,7 @@ def mr_vb_terms(logits: Tensor, x0: Tensor, x_t: Tensor, coefs: Tensor) -> Tuple
         with torch.cuda.device(logits.device):
             status = _cuda_status(logits.device)
             _C.mr_vb_forward_cuda(*args, status.data_ptr(), cuda_stream(logits))
-            _assert_status(status, "vb_loss")
+        _check_cuda_status(status, "vb_loss", "logits", f"x0 must be in [0, {K}) and x_t in [0, {K}]")
     else:
         _raise_status(_C.mr_vb_forward_cpu(*args, num_threads()), "vb_loss", "logits",
                       f"x0 must be in [0, {K}) and x_t in [0, {K}]")
