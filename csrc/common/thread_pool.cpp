@@ -26,6 +26,12 @@ class Pool {
   }
 
   // Returns false (without running anything) when another caller holds the pool.
+  //
+  // Helpers join a call only while it is open. The caller closes it once it has run out of
+  // tasks and then waits only for the helpers that joined: a helper the OS has not scheduled
+  // yet (its core busy, e.g. with torch's OpenMP threads spinning after a torch op) is not
+  // waited for, so the call never stalls for a scheduler time slice (measured: 3 ms -> 8 ms
+  // steps when every call waited for every helper).
   bool try_run(int64_t num_tasks, int workers, const std::function<void(int64_t, int)>& fn) {
     std::unique_lock<std::mutex> busy(busy_mu_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
@@ -36,14 +42,16 @@ class Pool {
       num_tasks_ = num_tasks;
       next_task_.store(0);
       active_helpers_ = workers - 1;
-      pending_ = workers - 1;
+      open_ = true;
+      joined_ = finished_ = 0;
       error_ = nullptr;
       ++generation_;
     }
     cv_.notify_all();
     work(0);
     std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [&] { return pending_ == 0; });
+    open_ = false;
+    done_cv_.wait(lk, [&] { return finished_ == joined_; });
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
     return true;
@@ -66,10 +74,12 @@ class Pool {
         cv_.wait(lk, [&] { return stop_ || (generation_ != seen && id <= active_helpers_); });
         if (stop_) return;
         seen = generation_;
+        if (!open_) continue;  // woke after the caller finished: nothing left to join
+        ++joined_;
       }
       work(id);
       std::lock_guard<std::mutex> lk(mu_);
-      if (--pending_ == 0) done_cv_.notify_one();
+      if (++finished_ == joined_) done_cv_.notify_one();
     }
   }
 
@@ -95,7 +105,8 @@ class Pool {
   int64_t num_tasks_ = 0;
   std::atomic<int64_t> next_task_{0};
   int active_helpers_ = 0;
-  int pending_ = 0;
+  bool open_ = false;  // helpers may still join the current call
+  int joined_ = 0, finished_ = 0;
   uint64_t generation_ = 0;
   bool stop_ = false;
   std::exception_ptr error_;
