@@ -8,6 +8,7 @@ build a tiny VQ-Diffusion pipeline in memory (no download); they need `transform
 import json
 import os
 import subprocess
+import tempfile
 import sys
 
 import numpy as np
@@ -369,7 +370,9 @@ else:
 print("ok")
 """
     env = dict(os.environ)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    # cwd outside the checkout: a source tree (no compiled _C) must not shadow the install
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=env, cwd=tempfile.gettempdir())
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 

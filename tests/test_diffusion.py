@@ -74,7 +74,7 @@ def test_posterior_matches_bayes_with_explicit_matrices(K, heavy, cpu_isa):
 
 @pytest.mark.parametrize("layout", ["token_contiguous", "class_contiguous", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B,K,N", [(1, 1, 1), (2, 7, 33), (3, 64, 17), (1, 301, 40)])
+@pytest.mark.parametrize("B,K,N", [(1, 1, 1), (2, 7, 33), (3, 64, 17), (1, 301, 40), (2, 33, 300)])
 def test_posterior_log_probs_vs_reference(B, K, N, layout, dtype, cpu_isa):
     gen = torch.Generator().manual_seed(B * 1000 + K * 10 + N)
     sched = MaskAndReplaceSchedule(K, 20)
@@ -95,7 +95,7 @@ def test_posterior_log_probs_vs_reference(B, K, N, layout, dtype, cpu_isa):
 @pytest.mark.parametrize("guided", [False, True])
 def test_truncation_and_guidance_vs_reference(r, guided, cpu_isa):
     gen = torch.Generator().manual_seed(int(r * 1000) + guided)
-    B, K, N = 2, 50, 23
+    B, K, N = 2, 50, 150  # >= 128 tokens: full tiles of the token-parallel path too
     sched = replace_heavy_schedule(K, 10)
     logp = _logits(B, K, N, "token_contiguous", scale=3.0, gen=gen)
     unc = _logits(B, K, N, "class_contiguous", scale=3.0, gen=gen) if guided else None
@@ -128,14 +128,19 @@ def test_posterior_matches_diffusers_q_posterior():
 
 
 # ---- sampling: chi-square against the exact posterior ------------------------------------------
-def _sample_counts(logp1, x_t_value, t, sched, draws, seed, **kw):
-    """Draws `draws` tokens that share one distribution (a stride-0 expand: no copy)."""
+def _sample_counts(logp1, x_t_value, t, sched, draws, seed, materialise=False, **kw):
+    """Draws `draws` tokens that share one distribution: a stride-0 expand (no copy, the
+    per-token kernels), or materialised token-contiguous (the token-parallel kernels)."""
     K = sched.num_classes
     logp = logp1.view(1, K, 1).expand(1, K, draws)
     x_t = torch.full((1, 1), x_t_value, dtype=torch.int64).expand(1, draws)
     unc = kw.pop("unc", None)
     if unc is not None:
         kw["log_p_x0_uncond"] = unc.view(1, K, 1).expand(1, K, draws)
+    if materialise:
+        logp = logp.contiguous()
+        if unc is not None:
+            kw["log_p_x0_uncond"] = kw["log_p_x0_uncond"].contiguous()
     g = torch.Generator().manual_seed(seed)
     x = posterior_sample(logp, x_t, t, sched, g, **kw)
     return torch.bincount(x.view(-1), minlength=K + 1)
@@ -147,8 +152,8 @@ def _sample_counts(logp1, x_t_value, t, sched, draws, seed, **kw):
     dict(x_t="mask", t=5, r=0.7), dict(x_t="real", t=5, r=0.5), dict(x_t="real", t=0, r=0.6),
     dict(x_t="mask", t=5, s=3.0), dict(x_t="real", t=3, s=2.0, r=0.8),
 ])
-@pytest.mark.parametrize("heavy", [False, True])
-def test_sampler_frequencies_match_exact_posterior(case, heavy, cpu_isa):
+@pytest.mark.parametrize("heavy,materialise", [(False, False), (True, False), (True, True)])
+def test_sampler_frequencies_match_exact_posterior(case, heavy, materialise, cpu_isa):
     K, T, draws = 6, 10, 300_000
     sched = replace_heavy_schedule(K, T) if heavy else MaskAndReplaceSchedule(K, T)
     gen = torch.Generator().manual_seed(hash(str(case)) % 1000 + heavy)
@@ -157,7 +162,8 @@ def test_sampler_frequencies_match_exact_posterior(case, heavy, cpu_isa):
     x_t_value = K if case["x_t"] == "mask" else 2
     r, s = case.get("r"), case.get("s")
     kw = dict(truncation_rate=r, guidance_scale=s, unc=unc)
-    counts = _sample_counts(logp1, x_t_value, case["t"], sched, draws, seed=17, **dict(kw))
+    counts = _sample_counts(logp1, x_t_value, case["t"], sched, draws, seed=17,
+                            materialise=materialise, **dict(kw))
     probs = ref.posterior_log_probs(
         logp1.view(1, K, 1), torch.tensor([[x_t_value]]), sched.coefs(case["t"], 1, "cpu"),
         log_p_uncond=None if unc is None else unc.view(1, K, 1), guidance_scale=s,

@@ -97,14 +97,15 @@ inline double hsum(V v, int W) {
   return s;
 }
 
-// exp(x) for x <= 0-ish inputs of softmax: results below FLT_MIN flush to 0 (-inf -> 0).
+// exp(x) for x <= 0 (softmax inputs shifted by their max, the only use): results below
+// FLT_MIN flush to 0 (-inf -> 0). Positive x is not clamped (it would cost two instructions
+// per vector in the hottest loop), so x must not exceed 88.
 template <int W>
 inline typename Vec<W>::F exp(typename Vec<W>::F x) {
   typedef typename Vec<W>::F F;
   typedef typename Vec<W>::I I;
   const I tiny = x < -87.33654f;
-  x = x > 88.3762626647949f ? splat<W>(88.3762626647949f) : x;
-  x = x < -87.33654f ? splat<W>(-87.33654f) : x;
+  x = tiny ? splat<W>(-87.33654f) : x;
   const F shifter = splat<W>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const F n = (x * 1.44269504088896341f + shifter) - shifter;
   F r = x - n * 0.693359375f;
