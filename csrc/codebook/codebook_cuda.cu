@@ -17,6 +17,7 @@
 
 #include "codebook/certify.h"
 #include "common/cuda_check.h"
+#include "common/cuda_dtype.cuh"
 #include "common/fp64_sum.h"
 #include "imgtx/codebook.h"
 
@@ -37,63 +38,6 @@ constexpr int kFinThreads = 128;               // 4 warps; the reductions below 
 constexpr int kZCache = 2048;                  // z rows up to this dim are kept in smem
 constexpr int64_t kTargetBlocks = 512;         // split the codes until about this many blocks
 constexpr int64_t kMinTilesPerSplit = 4;       // ...but give each block >= 256 codes
-
-// ---- element access: raw bits -> fp32, and fp32 -> dtype as written --------------------------
-struct F32 {
-  static __device__ __forceinline__ float load(const void* p, int64_t i) {
-    return static_cast<const float*>(p)[i];
-  }
-  static __device__ __forceinline__ float round(float v) { return v; }
-  static __device__ __forceinline__ float store(void* p, int64_t i, float v) {
-    static_cast<float*>(p)[i] = v;
-    return v;
-  }
-};
-struct F16 {
-  static __device__ __forceinline__ float load(const void* p, int64_t i) {
-    return __half2float(__ushort_as_half(static_cast<const unsigned short*>(p)[i]));
-  }
-  // NaN gets the bits of imgtx::float_to_half_bits so CPU and GPU outputs are identical.
-  static __device__ __forceinline__ unsigned short bits(float v) {
-    if (isnan(v)) return (unsigned short)(((__float_as_uint(v) >> 16) & 0x8000u) | 0x7e00u);
-    return __half_as_ushort(__float2half_rn(v));
-  }
-  static __device__ __forceinline__ float round(float v) {
-    return __half2float(__ushort_as_half(bits(v)));
-  }
-  static __device__ __forceinline__ float store(void* p, int64_t i, float v) {
-    const unsigned short b = bits(v);
-    static_cast<unsigned short*>(p)[i] = b;
-    return __half2float(__ushort_as_half(b));
-  }
-};
-struct BF16 {
-  static __device__ __forceinline__ float load(const void* p, int64_t i) {
-    return __uint_as_float(uint32_t(static_cast<const unsigned short*>(p)[i]) << 16);
-  }
-  // NaN: same bits as imgtx::float_to_bf16_bits (payload kept, quiet bit set).
-  static __device__ __forceinline__ unsigned short bits(float v) {
-    if (isnan(v)) return (unsigned short)((__float_as_uint(v) >> 16) | 0x40u);
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-  }
-  static __device__ __forceinline__ float round(float v) {
-    return __uint_as_float(uint32_t(bits(v)) << 16);
-  }
-  static __device__ __forceinline__ float store(void* p, int64_t i, float v) {
-    const unsigned short b = bits(v);
-    static_cast<unsigned short*>(p)[i] = b;
-    return __uint_as_float(uint32_t(b) << 16);
-  }
-};
-
-template <class Fn>
-void dispatch_dtype(DType t, Fn&& fn) {
-  switch (t) {
-    case DType::kFloat16: fn(F16{}); break;
-    case DType::kBFloat16: fn(BF16{}); break;
-    default: fn(F32{});
-  }
-}
 
 // 1 / max(|c|, 1e-12) exactly as codebook_cpu.cpp's cosine_scale (std::max keeps a NaN norm).
 __device__ __forceinline__ double cosine_scale(double norm2) {

@@ -9,6 +9,7 @@
 #include "common/philox.h"
 #include "common/thread_pool.h"
 #include "diffusion/diffusion_cpu_internal.h"
+#include "diffusion/mr_token_math.h"
 #include "imgtx/diffusion.h"
 
 namespace imgtx {
@@ -98,8 +99,7 @@ void mr_vb_backward_cpu(const MrVbParams& p, int num_threads) {
   }
 }
 
-// Per token: MASK with probability C_t, x0 with A_t, a uniform real class with K B_t (which
-// includes x0 again: total A_t + B_t for x0, B_t for every other class).
+// One Philox draw and mr::q_sample_token per token.
 int mr_q_sample_cpu(const MrQSampleParams& p, int num_threads) {
   validate(p);
   const int64_t K = p.num_classes, N = p.tokens;
@@ -122,16 +122,7 @@ int mr_q_sample_cpu(const MrQSampleParams& p, int num_threads) {
       const double* c = p.coefs + b * kMrCoefs;
       double u0, u1;
       philox_uniform2(seed, uint64_t(i), kMrStreamQSample, &u0, &u1);
-      int64_t x;
-      if (u0 < c[kMrCc]) {
-        x = K;
-      } else if (u0 < c[kMrCc] + c[kMrAc]) {
-        x = x0;
-      } else {
-        x = int64_t(u1 * double(K));
-        x = x < K ? x : K - 1;
-      }
-      p.x_t[i] = x;
+      p.x_t[i] = mr::q_sample_token(c, x0, K, u0, u1);
     }
     if (local) status.fetch_or(local, std::memory_order_relaxed);
   });

@@ -50,6 +50,7 @@
 #include <stdexcept>
 
 #include "common/cuda_check.h"
+#include "common/cuda_dtype.cuh"
 #include "common/philox.h"
 #include "diffusion/mr_token_math.h"
 #include "imgtx/diffusion.h"
@@ -78,59 +79,6 @@ static_assert((int64_t(1) << kTruncIters) >= int64_t(kBitsOfOne) + 1,
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-// ---- element access: raw bits -> fp32, and fp32 -> dtype as written -------------------------
-// Loads go through the read-only path (ld.global.nc): the inputs are never written during a
-// kernel, and the compiler may then batch them ahead of the shared-memory stores.
-struct F32 {
-  static __device__ __forceinline__ float load(const void* p, int64_t i) {
-    return __ldg(static_cast<const float*>(p) + i);
-  }
-  static __device__ __forceinline__ void store(void* p, int64_t i, float v) {
-    static_cast<float*>(p)[i] = v;
-  }
-};
-struct F16 {
-  static __device__ __forceinline__ float load(const void* p, int64_t i) {
-    return __half2float(__ushort_as_half(__ldg(static_cast<const unsigned short*>(p) + i)));
-  }
-  // NaN gets the bits of imgtx::float_to_half_bits so CPU and GPU outputs are identical.
-  static __device__ __forceinline__ void store(void* p, int64_t i, float v) {
-    const unsigned short b =
-        isnan(v) ? (unsigned short)(((__float_as_uint(v) >> 16) & 0x8000u) | 0x7e00u)
-                 : __half_as_ushort(__float2half_rn(v));
-    static_cast<unsigned short*>(p)[i] = b;
-  }
-};
-struct BF16 {
-  static __device__ __forceinline__ float load(const void* p, int64_t i) {
-    return __uint_as_float(uint32_t(__ldg(static_cast<const unsigned short*>(p) + i)) << 16);
-  }
-  // NaN: same bits as imgtx::float_to_bf16_bits (payload kept, quiet bit set).
-  static __device__ __forceinline__ void store(void* p, int64_t i, float v) {
-    const unsigned short b = isnan(v) ? (unsigned short)((__float_as_uint(v) >> 16) | 0x40u)
-                                      : __bfloat16_as_ushort(__float2bfloat16_rn(v));
-    static_cast<unsigned short*>(p)[i] = b;
-  }
-};
-
-// For the second logits tensor of guidance, whose dtype is a run-time value (uniform branch).
-__device__ __forceinline__ float load_any(DType t, const void* p, int64_t i) {
-  switch (t) {
-    case DType::kFloat16: return F16::load(p, i);
-    case DType::kBFloat16: return BF16::load(p, i);
-    default: return F32::load(p, i);
-  }
-}
-
-template <class Fn>
-void dispatch_dtype(DType t, Fn&& fn) {
-  switch (t) {
-    case DType::kFloat16: fn(F16{}); break;
-    case DType::kBFloat16: fn(BF16{}); break;
-    default: fn(F32{});
-  }
-}
 
 // float -> double for the float64 sums, exact for normal floats, with integer operations:
 // F2F.F64.F32 issues at 16/clk/SM on sm_80/sm_90 (1/4 to 1/8 of a DADD), which would make
@@ -859,16 +807,7 @@ __global__ void __launch_bounds__(kThreads) q_sample_kernel(const MrQSampleParam
     const double* c = p.coefs + b * kMrCoefs;
     double u0, u1;
     philox_uniform2(seed, uint64_t(i), kMrStreamQSample, &u0, &u1);
-    int64_t x;
-    if (u0 < c[kMrCc]) {
-      x = K;
-    } else if (u0 < c[kMrCc] + c[kMrAc]) {
-      x = x0;
-    } else {
-      x = int64_t(u1 * double(K));
-      x = x < K ? x : K - 1;
-    }
-    p.x_t[i] = x;
+    p.x_t[i] = mr::q_sample_token(c, x0, K, u0, u1);
   }
   if (status_bits != 0 && status != nullptr) atomicOr(status, status_bits);
 }

@@ -84,6 +84,16 @@ IMGTX_HD double pi_total(const TokenCoefs& k, int64_t K, double P, double p_s, d
   return w1 + v_total(k, K) * Y;
 }
 
+// ---- forward noising ----------------------------------------------------------------------
+// x_t ~ q(x_t | x0) from two uniforms: MASK with probability C_t, x0 with A_t, a uniform real
+// class with K B_t (x0 included: A_t + B_t for x0, B_t for every other class).
+IMGTX_HD int64_t q_sample_token(const double* c, int64_t x0, int64_t K, double u0, double u1) {
+  if (u0 < c[kMrCc]) return K;
+  if (u0 < c[kMrCc] + c[kMrAc]) return x0;
+  const int64_t x = int64_t(u1 * double(K));
+  return x < K ? x : K - 1;
+}
+
 // ---- sampling -----------------------------------------------------------------------------
 // pi is a mixture of two parts: the "p part" (weights u_j p_j over real classes) and the
 // "Y part" (weights v_j Y over real classes, w Y for MASK, independent of p). The sampler
