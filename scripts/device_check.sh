@@ -42,10 +42,10 @@ if command -v compute-sanitizer >/dev/null; then
     "$PY" -m pytest tests/test_codebook_cuda.py -q -x -k "matches_cpu and 129 and l2"
   step "sanitizer (diffusion)" sanitizer_diffusion.log compute-sanitizer --tool memcheck \
     --error-exitcode 9 "$PY" -m pytest tests/test_diffusion_cuda.py -q -x \
-    -k "(log_probs and 2-7-33 and float32) or (vb_terms and 3-7-11) or bad_input"
+    -k "(log_probs and 2-7-33 and fp32) or (vb_terms and 3-7-11) or bad_input"
   step "racecheck (diffusion)" racecheck_diffusion.log compute-sanitizer --tool racecheck \
     --error-exitcode 9 "$PY" -m pytest tests/test_diffusion_cuda.py -q -x \
-    -k "log_probs and 3-64-17 and float32 and token"
+    -k "log_probs and 3-64-17 and fp32 and token"
 else
   status+=("compute-sanitizer         SKIP  (not installed)")
 fi

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("layout", ["token_contiguous", "class_contiguous", "strided"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("B,K,N", [(1, 1, 1), (2, 7, 33), (3, 64, 17), (2, 4096, 70), (1, 20000, 9)])
 def test_log_probs_vs_reference(B, K, N, layout, dtype):
     g = torch.Generator().manual_seed(B + K + N)
