@@ -3,9 +3,11 @@ importance sampler for t.
 
 Per token (spec): L_vb = KL(q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t)) for t > 0 and
 -log p_theta(x0 | x_t)[x0] at t = 0; L_aux = -log p_theta(x0 | x_t)[x0]. Per sample
-  loss_b = mean_n( m_n L_vb + w_aux (1 + (1 - t/T)) m_n L_aux ) / p(t_b)
+  loss_b = mean_n( m_n L_vb + w_aux (1 + (1 - t/T)) m_n L_aux )
 with m_n = mask_weight[0] on masked tokens, mask_weight[1] elsewhere (1 at t = 0, as in the
-published code), and the loss is the mean over samples.
+published code), and loss = mean_b( loss_b / (T p(t_b)) ): an unbiased estimate of the mean
+over t of the per-step loss, equal to the plain mean of loss_b when t is uniform. (The
+published code divides by p(t_b) alone: T times larger, same gradient direction.)
 """
 from typing import Optional, Sequence
 
