@@ -51,7 +51,7 @@ struct Kernels {
 
   static constexpr float kInf = std::numeric_limits<float>::infinity();
 
-  // A bit pattern u with mass_above(u) >= (everything above bound): the float just below
+  // A bit pattern u whose mass above is >= that of everything above bound: the float just below
   // `bound` (rounded down by 1e-6 relative to absorb rounding), or -1 for bound <= 0.
   static int64_t lower_bits(double bound) {
     const float f = float(bound * (1.0 - 1e-6));
@@ -119,48 +119,56 @@ struct Kernels {
     return total;
   }
 
-  // sum of e_j over j with bits(e_j) > u (e >= 0, so integer order is value order): float
-  // partials of 4 vectors, combined in float64.
-  static double mass_above(const float* e, int64_t Kp, int32_t u) {
+  // One bisection probe at bit pattern u (e >= 0, so integer order is value order): the mass
+  // of the classes above u (float partials of 4 vectors, combined in float64), the largest
+  // class value <= u and the smallest > u (as bit patterns; INT32_MIN / INT32_MAX if none).
+  struct Probe {
+    double mass;
+    int32_t below, above;
+  };
+  static Probe probe(const float* e, int64_t Kp, int32_t u) {
+    const I int_min = I{} + std::numeric_limits<int32_t>::min();
+    const I int_max = I{} + std::numeric_limits<int32_t>::max();
     simd::DoubleAcc<W> acc;
-    int64_t i = 0;
-    for (; i + 4 * W <= Kp; i += 4 * W) {
-      auto sel = [&](int q) {
-        const F v = simd::load<W>(e + i + q * W);
-        I bits;
-        std::memcpy(&bits, &v, sizeof(bits));
-        return bits > u ? v : F{};
-      };
-      acc.add((sel(0) + sel(1)) + (sel(2) + sel(3)));
-    }
-    for (; i < Kp; i += W) {
-      const F v = simd::load<W>(e + i);
+    I below = int_min, above = int_max;
+    auto sel = [&](int64_t at) {
+      const F v = simd::load<W>(e + at);
       I bits;
       std::memcpy(&bits, &v, sizeof(bits));
-      acc.add(bits > u ? v : F{});
+      const I gt = bits > u;
+      const I b_lo = gt ? int_min : bits, b_hi = gt ? bits : int_max;
+      below = b_lo > below ? b_lo : below;
+      above = b_hi < above ? b_hi : above;
+      return gt ? v : F{};
+    };
+    int64_t i = 0;
+    for (; i + 4 * W <= Kp; i += 4 * W)
+      acc.add((sel(i) + sel(i + W)) + (sel(i + 2 * W) + sel(i + 3 * W)));
+    for (; i < Kp; i += W) acc.add(sel(i));
+    Probe r{acc.sum(), below[0], above[0]};
+    for (int l = 1; l < W; ++l) {
+      r.below = below[l] > r.below ? below[l] : r.below;
+      r.above = above[l] < r.above ? above[l] : r.above;
     }
-    return acc.sum();
+    return r;
   }
 
   // Top-r truncation (spec): keeps { j : bits(e_j) >= u0 } with u0 the smallest u such that
   // the mass strictly above u is < r P; zeroes the rest, refreshes the chunk sums and returns
   // the kept mass. Bisection over the bit patterns, from the bound below which every class
-  // is dropped ((1 - r) P / K: at most K classes lie below it, holding < (1 - r) P).
+  // is dropped ((1 - r) P / K: at most K classes lie below it, holding < (1 - r) P), with the
+  // bounds snapped onto class values after each probe (the mass above u only changes at class
+  // values): ~10 probes instead of 27.
   static double truncate(float* e, int64_t Kp, double P, double r, int64_t K, double* sums) {
     const double threshold = r * P;
     int64_t lo = int64_t(lower_bits((1.0 - r) * P / double(K))), hi = 0x3f800000;
-    // Stops early once no class lies in (lo, hi] (see LaneKernels::truncate).
-    double h_lo = std::numeric_limits<double>::quiet_NaN(), h_hi = 0.0;
-    while (hi - lo > 1 && h_lo != h_hi) {
+    while (hi - lo > 1) {
       const int64_t mid = lo + (hi - lo) / 2;
-      const double above = mass_above(e, Kp, int32_t(mid));
-      if (above < threshold) {
-        hi = mid;
-        h_hi = above;
-      } else {
-        lo = mid;
-        h_lo = above;
-      }
+      const Probe pr = probe(e, Kp, int32_t(mid));
+      if (pr.mass < threshold)
+        hi = pr.below > lo ? pr.below : lo + 1;  // the mass above is constant on [below, mid]
+      else
+        lo = int64_t(pr.above) - 1;  // ... and on [mid, above)
     }
     const int32_t u0 = int32_t(hi);
     for (int64_t i = 0; i < Kp; i += W) {
