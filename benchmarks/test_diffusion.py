@@ -2,7 +2,8 @@
 pipeline's per-step sequence), vs one read pass over the logits, and vb_loss vs plain PyTorch.
 
 Every ratio comes from one test that times the implementations round-robin in the same
-process (interleaved), so machine noise hits them alike. Logits are diffusers' layout: the
+process (interleaved), so machine noise hits them alike; medians of 7 rounds where the peer's
+call is under a second, of the session's rounds (3) otherwise. Logits are diffusers' layout: the
 model's (B, K, N) contiguous log-softmax output. Bars (issue 3): step >= 50x diffusers' step and
 within 2.5x of the read pass; guidance + truncation(0.86) + step >= 200x the pipeline's
 sequence; vb_loss forward+backward >= 10x plain PyTorch; extra memory O(B N).
@@ -72,9 +73,13 @@ def interleave(fns, rounds, rewarm_below_s=1.0):
 
 
 def _rounds(settings, slow_peer_s):
+    """1 untimed run in smoke mode; 1 round when the peer is slower than max_call_s; at least
+    7 rounds when the peer's call is under a second (cheap, and the medians steadier)."""
     if not settings.timing:
         return 1
-    return 1 if slow_peer_s > settings.max_call_s else settings.rounds
+    if slow_peer_s > settings.max_call_s:
+        return 1
+    return max(settings.rounds, 7) if slow_peer_s < 1.0 else settings.rounds
 
 
 def _record(bench_results, key, medians, extra=None):

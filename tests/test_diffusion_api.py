@@ -117,3 +117,29 @@ def test_torch_compile_fullgraph(sched):
     x, loss = step(logp, x_t, coefs, seed)
     eager = torch.ops.imgtx.mr_posterior_sample(logp, None, x_t, coefs, seed, 1.0, 0.9)
     assert torch.equal(x, eager) and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("layout", ["token_contiguous", "class_contiguous"])
+def test_non_finite_logits_on_every_path(layout, cpu_isa):
+    """-inf is a legal log-probability; NaN, +inf and all -inf tokens are errors. N = 300 runs the
+    token-parallel path's full tiles and its tail; the class-contiguous layout the row path."""
+    K, N = 12, 300
+    sched = MaskAndReplaceSchedule(K, 10)
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(2, K, N, generator=g).log_softmax(1)
+    logp[:, 3, :] = float("-inf")  # a class nobody can be: fine
+    logp[1, :5, 7] = float("-inf")
+    if layout == "class_contiguous":
+        logp = logp.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    x_t = torch.randint(0, K + 1, (2, N), generator=g)
+    x = posterior_sample(logp, x_t, 4, sched, g, truncation_rate=0.9)
+    assert x.shape == (2, N) and int(x.min()) >= 0 and int(x.max()) <= K
+    for n, value in [(150, float("nan")), (299, float("inf")), (5, float("nan"))]:
+        bad = logp.clone()
+        bad[1, 2, n] = value
+        with pytest.raises(ValueError, match="NaN or \\+inf"):
+            posterior_sample(bad, x_t, 4, sched)
+    empty = logp.clone()
+    empty[0, :, 200] = float("-inf")
+    with pytest.raises(ValueError, match="all -inf"):
+        posterior_log_probs(empty, x_t, 4, sched)
