@@ -40,6 +40,49 @@ inline typename Vec<W>::F splat(float x) {
   return typename Vec<W>::F{} + x;
 }
 
+// W bf16 values (raw bits) widened to float: bf16 is the top half of a float, so this is a
+// shift, exact, and needs no conversion instruction.
+template <int W>
+inline typename Vec<W>::F load_bf16(const uint16_t* p) {
+  typedef uint16_t H __attribute__((vector_size(2 * W)));
+  H h;
+  std::memcpy(&h, p, sizeof(h));
+  const typename Vec<W>::I bits = __builtin_convertvector(h, typename Vec<W>::I) << 16;
+  typename Vec<W>::F v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// W IEEE fp16 values (raw bits) widened to float, exactly (subnormals, inf and NaN
+// included), with integer and float vector operations only: no F16C needed, so the portable
+// build gets it too. The exponent is rebased by 112; inf/NaN get another 112; subnormals are
+// renormalised by one float subtraction of 2^-14.
+template <int W>
+inline typename Vec<W>::F load_f16(const uint16_t* p) {
+  typedef typename Vec<W>::I I;
+  typedef typename Vec<W>::F F;
+  typedef uint16_t H __attribute__((vector_size(2 * W)));
+  H h;
+  std::memcpy(&h, p, sizeof(h));
+  const I x = __builtin_convertvector(h, I);
+  const I shifted = (x & 0x7fff) << 13;
+  const I exp = shifted & (0x1f << 23);
+  I bits = shifted + (112 << 23);
+  bits = exp == (0x1f << 23) ? bits + (112 << 23) : bits;  // inf / NaN
+  F f;
+  std::memcpy(&f, &bits, sizeof(f));
+  const I sub_bits = bits + (1 << 23);  // subnormal: 2^-14 * (1 + m) - 2^-14 = 2^-14 * m
+  F sub;
+  std::memcpy(&sub, &sub_bits, sizeof(sub));
+  sub = sub - 6.103515625e-05f;
+  f = exp == 0 ? sub : f;
+  I out;
+  std::memcpy(&out, &f, sizeof(out));
+  out |= (x & 0x8000) << 16;
+  std::memcpy(&f, &out, sizeof(f));
+  return f;
+}
+
 template <class V>
 inline float hmax(V v, int W) {
   float m = v[0];

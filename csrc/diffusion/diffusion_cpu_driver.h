@@ -204,10 +204,18 @@ struct Kernels {
       return;
     }
     const int64_t offset = b * L.stride_batch + n * L.stride_token;
-    if (L.dtype == DType::kFloat32 && L.stride_class == 1)
+    if (L.stride_class == 1 && L.dtype == DType::kFloat32) {
       std::memcpy(l, static_cast<const float*>(L.data) + offset, size_t(K) * sizeof(float));
-    else
+    } else if (L.stride_class == 1) {  // fp16/bf16 rows: vector widening, scalar tail
+      const uint16_t* src = static_cast<const uint16_t*>(L.data) + offset;
+      int64_t i = 0;
+      for (; i + W <= K; i += W)
+        simd::store<W>(l + i, L.dtype == DType::kBFloat16 ? simd::load_bf16<W>(src + i)
+                                                          : simd::load_f16<W>(src + i));
+      load_strided_as_float(L.data, offset + i, 1, K - i, L.dtype, l + i);
+    } else {
       load_strided_as_float(L.data, offset, L.stride_class, K, L.dtype, l);
+    }
     for (int64_t i = K; i < Kp; ++i) l[i] = -kInf;
   }
 

@@ -26,9 +26,9 @@ struct LaneKernels {
   static F load_lanes(const MrLogits& L, int64_t base, int64_t j) {
     const int64_t at = base + j * L.stride_class;
     if (L.dtype == DType::kFloat32) return simd::load<W>(static_cast<const float*>(L.data) + at);
-    float tmp[W];
-    load_strided_as_float(L.data, at, 1, W, L.dtype, tmp);
-    return simd::load<W>(tmp);
+    if (L.dtype == DType::kBFloat16)
+      return simd::load_bf16<W>(static_cast<const uint16_t*>(L.data) + at);
+    return simd::load_f16<W>(static_cast<const uint16_t*>(L.data) + at);
   }
 
   // The logits (guided when an unconditional input is given) of class j for the group.

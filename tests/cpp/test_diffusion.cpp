@@ -3,6 +3,7 @@
 // transition matrices, sampled frequencies, q_sample, and bad arguments, on every CPU path.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -11,6 +12,8 @@
 #include "check.h"
 #include "common/cpu_features.h"
 #include "common/philox.h"
+#include "common/simd.h"
+#include "imgtx/dtype.h"
 #include "imgtx/diffusion.h"
 
 using imgtx_test::check;
@@ -200,6 +203,31 @@ void test_q_sample() {
   check(ok, "q_sample frequencies within 5 sigma");
 }
 
+// The vector fp16/bf16 -> float widenings against the scalar ones, for all 65536 patterns.
+template <int W>
+void test_half_widening() {
+  bool f16_ok = true, bf16_ok = true;
+  for (uint32_t base = 0; base < 65536; base += W) {
+    uint16_t h[W];
+    for (int i = 0; i < W; ++i) h[i] = uint16_t(base + uint32_t(i));
+    const typename imgtx::simd::Vec<W>::F a = imgtx::simd::load_f16<W>(h);
+    const typename imgtx::simd::Vec<W>::F b = imgtx::simd::load_bf16<W>(h);
+    for (int i = 0; i < W; ++i) {
+      const float fa = a[i], fb = b[i];
+      const float wa = imgtx::half_bits_to_float(h[i]), wb = imgtx::bf16_bits_to_float(h[i]);
+      uint32_t xa, xb, ya, yb;
+      std::memcpy(&xa, &fa, 4);
+      std::memcpy(&ya, &wa, 4);
+      std::memcpy(&xb, &fb, 4);
+      std::memcpy(&yb, &wb, 4);
+      f16_ok &= xa == ya;
+      bf16_ok &= xb == yb;
+    }
+  }
+  check(f16_ok, "simd::load_f16<" + std::to_string(W) + "> bit-exact for every fp16 pattern");
+  check(bf16_ok, "simd::load_bf16<" + std::to_string(W) + "> bit-exact for every bf16 pattern");
+}
+
 void test_bad_arguments() {
   imgtx::MrPosteriorParams p;
   p.batch = 1;
@@ -244,5 +272,7 @@ void run_diffusion_tests() {
     test_sampling_frequencies(rng, name);
   }
   test_q_sample();
+  test_half_widening<8>();
+  test_half_widening<16>();
   test_bad_arguments();
 }
