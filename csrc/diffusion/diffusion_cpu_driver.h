@@ -119,36 +119,45 @@ struct Kernels {
     return total;
   }
 
-  // One bisection probe at bit pattern u (e >= 0, so integer order is value order): the mass
-  // of the classes above u (float partials of 4 vectors, combined in float64), the largest
-  // class value <= u and the smallest > u (as bit patterns; INT32_MIN / INT32_MAX if none).
+  // The per-vector step of a truncation probe at bit pattern(s) mid (e >= 0, so integer order
+  // is value order): take() returns the values above mid (0 elsewhere) and folds the nearest
+  // class patterns on both sides of mid into below / above (INT32_MIN / INT32_MAX if none),
+  // which let the bisection snap its bounds onto class values.
+  struct Snap {
+    I below = I{} + std::numeric_limits<int32_t>::min();
+    I above = I{} + std::numeric_limits<int32_t>::max();
+    F take(F v, I mid) {
+      I bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      const I gt = bits > mid;
+      const I b_lo = gt ? I{} + std::numeric_limits<int32_t>::min() : bits;
+      const I b_hi = gt ? bits : I{} + std::numeric_limits<int32_t>::max();
+      below = b_lo > below ? b_lo : below;
+      above = b_hi < above ? b_hi : above;
+      return gt ? v : F{};
+    }
+  };
+
+  // One bisection probe at bit pattern u over a row: the mass of the classes above u (float
+  // partials of 4 vectors, combined in float64), the largest class pattern <= u and the
+  // smallest > u.
   struct Probe {
     double mass;
     int32_t below, above;
   };
   static Probe probe(const float* e, int64_t Kp, int32_t u) {
-    const I int_min = I{} + std::numeric_limits<int32_t>::min();
-    const I int_max = I{} + std::numeric_limits<int32_t>::max();
+    const I mid = I{} + u;
     simd::DoubleAcc<W> acc;
-    I below = int_min, above = int_max;
-    auto sel = [&](int64_t at) {
-      const F v = simd::load<W>(e + at);
-      I bits;
-      std::memcpy(&bits, &v, sizeof(bits));
-      const I gt = bits > u;
-      const I b_lo = gt ? int_min : bits, b_hi = gt ? bits : int_max;
-      below = b_lo > below ? b_lo : below;
-      above = b_hi < above ? b_hi : above;
-      return gt ? v : F{};
-    };
+    Snap sn;
+    auto sel = [&](int64_t at) { return sn.take(simd::load<W>(e + at), mid); };
     int64_t i = 0;
     for (; i + 4 * W <= Kp; i += 4 * W)
       acc.add((sel(i) + sel(i + W)) + (sel(i + 2 * W) + sel(i + 3 * W)));
     for (; i < Kp; i += W) acc.add(sel(i));
-    Probe r{acc.sum(), below[0], above[0]};
+    Probe r{acc.sum(), sn.below[0], sn.above[0]};
     for (int l = 1; l < W; ++l) {
-      r.below = below[l] > r.below ? below[l] : r.below;
-      r.above = above[l] < r.above ? above[l] : r.above;
+      r.below = sn.below[l] > r.below ? sn.below[l] : r.below;
+      r.above = sn.above[l] < r.above ? sn.above[l] : r.above;
     }
     return r;
   }

@@ -88,8 +88,6 @@ struct LaneKernels {
       hi[i] = 0x3f800000;
       thr[i] = r * P[i];
     }
-    const I int_min = I{} + std::numeric_limits<int32_t>::min();
-    const I int_max = I{} + std::numeric_limits<int32_t>::max();
     for (;;) {
       bool open = false;
       I mid;
@@ -101,17 +99,8 @@ struct LaneKernels {
       // 8 classes per step summed as a tree (no add chain), then one float64 add; plus the
       // nearest class values on both sides of mid, to snap the bounds onto classes.
       simd::DoubleAcc<W> acc;
-      I below = int_min, above_min = int_max;
-      auto sel = [&](int64_t q) {
-        const F v = simd::load<W>(E + q * W);
-        I bits;
-        std::memcpy(&bits, &v, sizeof(bits));
-        const I gt = bits > mid;
-        const I b_lo = gt ? int_min : bits, b_hi = gt ? bits : int_max;
-        below = b_lo > below ? b_lo : below;
-        above_min = b_hi < above_min ? b_hi : above_min;
-        return gt ? v : F{};
-      };
+      typename Kernels<W>::Snap sn;
+      auto sel = [&](int64_t q) { return sn.take(simd::load<W>(E + q * W), mid); };
       int64_t j = 0;
       for (; j + 8 <= K; j += 8) {
         const F s01 = sel(j) + sel(j + 1), s23 = sel(j + 2) + sel(j + 3);
@@ -124,9 +113,9 @@ struct LaneKernels {
       for (int i = 0; i < W; ++i) {
         if (hi[i] - lo[i] <= 1) continue;
         if (mass[i] < thr[i]) {
-          hi[i] = below[i] > lo[i] ? below[i] : lo[i] + 1;  // h is constant on [below, mid]
+          hi[i] = sn.below[i] > lo[i] ? sn.below[i] : lo[i] + 1;  // h constant on [below, mid]
         } else {
-          lo[i] = above_min[i] - 1;  // h is constant on [mid, above_min)
+          lo[i] = sn.above[i] - 1;  // h is constant on [mid, above)
         }
       }
     }
