@@ -261,3 +261,32 @@ def test_empty_inputs():
         assert posterior_sample(logp, x_t, 3, sched).shape == (B, N)
         assert posterior_log_probs(logp, x_t, 3, sched).shape == (B, K + 1, N)
         assert q_sample(x_t, 3, sched).shape == (B, N)
+
+
+@pytest.mark.parametrize("layout", ["token_contiguous", "class_contiguous"])
+@pytest.mark.parametrize("ties", [1, 2, 3, 5])
+def test_truncation_keeps_tied_classes_together(layout, ties, cpu_isa):
+    """Top-r keeps a class while the mass strictly above it is < r: classes tied with a kept
+    class are kept with it (diffusers' sort keeps an arbitrary part of a tie). 5 ties exceed the
+    token-parallel path's top-4 shortcut, so its bisection finishes the job."""
+    K, N = 20, 40
+    sched = MaskAndReplaceSchedule(K, 10)
+    logits = torch.full((1, K, N), -3.0)
+    logits[:, :ties] = 2.0                  # `ties` equal most likely classes
+    logits[:, ties] = 1.0                   # the next one
+    logits[:, :, 7] = torch.linspace(0, 1, K)  # one ordinary token among them
+    logp = logits.log_softmax(1)
+    if layout == "class_contiguous":
+        logp = logp.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    x_t = torch.full((1, N), K)
+    for r in (0.05, 0.5, 0.99):
+        got = posterior_log_probs(logp, x_t, 0, sched, truncation_rate=r)
+        want = ref.posterior_log_probs(logp, x_t, sched.coefs(0, 1, "cpu"), truncation_rate=r)
+        kept = torch.isfinite(got[0, :K])
+        p = logp[0].double().exp()
+        for n in range(N):
+            col = p[:, n]
+            above = torch.stack([col[col > v].sum() for v in col])
+            assert torch.equal(kept[:, n], above < r), (r, n)
+        untied = [n for n in range(N) if n == 7]
+        assert _tv(got[..., untied].exp(), want[..., untied].exp()) < 1e-6

@@ -88,6 +88,7 @@ struct LaneKernels {
       hi[i] = 0x3f800000;
       thr[i] = r * P[i];
     }
+    top_classes(E, K, thr, lo, hi);
     for (;;) {
       bool open = false;
       I mid;
@@ -128,6 +129,42 @@ struct LaneKernels {
       simd::store<W>(E + j * W, bits >= u0 ? v : F{});
     }
     block_sums(E, K, sums, P);
+  }
+
+  // Peaked distributions (guidance, a confident model) keep only a handful of classes, so one
+  // pass first finds each lane's 4 largest values (duplicates included): the mass above each
+  // of them is then known exactly, and where the threshold falls among them the lane is done
+  // (lo = u0 - 1, hi = u0) without any bisection probe. Otherwise hi starts at the 4th value.
+  static void top_classes(const float* E, int64_t K, const double* thr, int32_t* lo,
+                          int32_t* hi) {
+    F t[4];
+    for (auto& x : t) x = F{};  // values are >= 0: 0 is a neutral start
+    for (int64_t j = 0; j < K; ++j) {
+      F x = simd::load<W>(E + j * W);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {  // insertion network: t[0] >= t[1] >= t[2] >= t[3]
+        const F big = x > t[k] ? x : t[k];
+        x = x > t[k] ? t[k] : x;
+        t[k] = big;
+      }
+    }
+    for (int i = 0; i < W; ++i) {
+      for (int k = 0; k < 4 && int64_t(k) < K; ++k) {
+        const float v = t[k][i];
+        double above = 0.0;  // mass strictly above v: all of it lies among t[0..k-1]
+        for (int m = 0; m < k; ++m) above += t[m][i] > v ? double(t[m][i]) : 0.0;
+        if (k > 0 && above >= thr[i]) {
+          // v is dropped; t[k-1] > v (a tie would have been dropped one step earlier) and is
+          // the smallest kept value: u0 is its pattern.
+          std::memcpy(&hi[i], &t[k - 1][i], sizeof(int32_t));
+          lo[i] = hi[i] - 1;
+          break;
+        }
+        int32_t bits;
+        std::memcpy(&bits, &v, sizeof(bits));
+        if (k == 3 && bits > lo[i]) hi[i] = bits;  // the 4th value is kept: u0 <= its pattern
+      }
+    }
   }
 
   // Inverse-CDF search of lane i: first class whose cumulative weight exceeds target.
