@@ -19,7 +19,8 @@ struct LaneKernels {
   typedef typename simd::Vec<W>::I I;
   static constexpr float kInf = std::numeric_limits<float>::infinity();
   static constexpr int64_t kChunk = 64;  // classes per chunk sum
-  static constexpr int64_t kTileGroups = 8;  // groups per tile_max call: 512 B runs per row
+  static constexpr int64_t kTileGroups = 8;
+  static constexpr int kTop = 4;  // largest values per lane tracked before truncation bisects  // groups per tile_max call: 512 B runs per row
   static int64_t num_chunks(int64_t K) { return (K + kChunk - 1) / kChunk; }
 
   // W tokens of class j: base + j * stride_class, as float.
@@ -54,22 +55,6 @@ struct LaneKernels {
           simd::store<W>(E + q * W, v);
           part += v;
         }
-        acc.add(part);
-      }
-      acc.lanes(sums + c * W);
-      for (int i = 0; i < W; ++i) P[i] += sums[c * W + i];
-    }
-  }
-
-  // Per-lane chunk sums and totals of E (after truncation zeroed some entries).
-  static void block_sums(const float* E, int64_t K, double* sums, double* P) {
-    for (int i = 0; i < W; ++i) P[i] = 0.0;
-    for (int64_t j0 = 0, c = 0; j0 < K; j0 += kChunk, ++c) {
-      const int64_t j1 = j0 + kChunk < K ? j0 + kChunk : K;
-      simd::DoubleAcc<W> acc;
-      for (int64_t j = j0; j < j1; j += 4) {
-        F part = F{};
-        for (int64_t q = j; q < j + 4 && q < j1; ++q) part += simd::load<W>(E + q * W);
         acc.add(part);
       }
       acc.lanes(sums + c * W);
@@ -122,34 +107,49 @@ struct LaneKernels {
     }
     I u0;
     for (int i = 0; i < W; ++i) u0[i] = hi[i];
-    for (int64_t j = 0; j < K; ++j) {
-      const F v = simd::load<W>(E + j * W);
-      I bits;
-      std::memcpy(&bits, &v, sizeof(bits));
-      simd::store<W>(E + j * W, bits >= u0 ? v : F{});
+    // Zero the dropped classes and refresh the chunk sums in the same pass.
+    for (int i = 0; i < W; ++i) P[i] = 0.0;
+    for (int64_t j0 = 0, c = 0; j0 < K; j0 += kChunk, ++c) {
+      const int64_t j1 = j0 + kChunk < K ? j0 + kChunk : K;
+      simd::DoubleAcc<W> acc;
+      for (int64_t j = j0; j < j1; j += 4) {
+        F part = F{};
+        for (int64_t q = j; q < j + 4 && q < j1; ++q) {
+          F v = simd::load<W>(E + q * W);
+          I bits;
+          std::memcpy(&bits, &v, sizeof(bits));
+          v = bits >= u0 ? v : F{};
+          simd::store<W>(E + q * W, v);
+          part += v;
+        }
+        acc.add(part);
+      }
+      acc.lanes(sums + c * W);
+      for (int i = 0; i < W; ++i) P[i] += sums[c * W + i];
     }
-    block_sums(E, K, sums, P);
   }
 
   // Peaked distributions (guidance, a confident model) keep only a handful of classes, so one
-  // pass first finds each lane's 4 largest values (duplicates included): the mass above each
-  // of them is then known exactly, and where the threshold falls among them the lane is done
-  // (lo = u0 - 1, hi = u0) without any bisection probe. Otherwise hi starts at the 4th value.
+  // pass first finds each lane's kTop largest values (duplicates included): the mass above
+  // each of them is then known exactly, and where the threshold falls among them the lane is
+  // done (lo = u0 - 1, hi = u0) without any bisection probe; otherwise hi starts at the last
+  // of them. A group bisects if any of its 16 lanes is unresolved: with guidance 5 at r = 0.86,
+  // 1.5% of tokens keep more than 3 classes (22% of groups), 0.3% more than 4, none more than 5.
   static void top_classes(const float* E, int64_t K, const double* thr, int32_t* lo,
                           int32_t* hi) {
-    F t[4];
+    F t[kTop];
     for (auto& x : t) x = F{};  // values are >= 0: 0 is a neutral start
     for (int64_t j = 0; j < K; ++j) {
       F x = simd::load<W>(E + j * W);
-#pragma GCC unroll 4
-      for (int k = 0; k < 4; ++k) {  // insertion network: t[0] >= t[1] >= t[2] >= t[3]
+#pragma GCC unroll 8
+      for (int k = 0; k < kTop; ++k) {  // insertion network: t[0] >= t[1] >= ... >= t[kTop-1]
         const F big = x > t[k] ? x : t[k];
         x = x > t[k] ? t[k] : x;
         t[k] = big;
       }
     }
     for (int i = 0; i < W; ++i) {
-      for (int k = 0; k < 4 && int64_t(k) < K; ++k) {
+      for (int k = 0; k < kTop && int64_t(k) < K; ++k) {
         const float v = t[k][i];
         double above = 0.0;  // mass strictly above v: all of it lies among t[0..k-1]
         for (int m = 0; m < k; ++m) above += t[m][i] > v ? double(t[m][i]) : 0.0;
@@ -162,7 +162,7 @@ struct LaneKernels {
         }
         int32_t bits;
         std::memcpy(&bits, &v, sizeof(bits));
-        if (k == 3 && bits > lo[i]) hi[i] = bits;  // the 4th value is kept: u0 <= its pattern
+        if (k == kTop - 1 && bits > lo[i]) hi[i] = bits;  // the last is kept: u0 <= its pattern
       }
     }
   }
