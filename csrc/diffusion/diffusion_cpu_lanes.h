@@ -19,8 +19,8 @@ struct LaneKernels {
   typedef typename simd::Vec<W>::I I;
   static constexpr float kInf = std::numeric_limits<float>::infinity();
   static constexpr int64_t kChunk = 64;  // classes per chunk sum
-  static constexpr int64_t kTileGroups = 8;
-  static constexpr int kTop = 4;  // largest values per lane tracked before truncation bisects  // groups per tile_max call: 512 B runs per row
+  static constexpr int64_t kTileGroups = 8;  // groups per tile_max call: 512 B runs per row
+  static constexpr int kTop = 4;  // largest values per lane tracked before truncation bisects
   static int64_t num_chunks(int64_t K) { return (K + kChunk - 1) / kChunk; }
 
   // W tokens of class j: base + j * stride_class, as float.
@@ -134,7 +134,8 @@ struct LaneKernels {
   // each of them is then known exactly, and where the threshold falls among them the lane is
   // done (lo = u0 - 1, hi = u0) without any bisection probe; otherwise hi starts at the last
   // of them. A group bisects if any of its 16 lanes is unresolved: with guidance 5 at r = 0.86,
-  // 1.5% of tokens keep more than 3 classes (22% of groups), 0.3% more than 4, none more than 5.
+  // 1.5% of tokens keep more than 3 classes (22% of groups), 0.3% more than 4, none more than 5
+  // (kTop = 6 measured no better on this machine: the wider network costs every vector).
   static void top_classes(const float* E, int64_t K, const double* thr, int32_t* lo,
                           int32_t* hi) {
     F t[kTop];
