@@ -74,7 +74,8 @@ def test_posterior_matches_bayes_with_explicit_matrices(K, heavy, cpu_isa):
 
 @pytest.mark.parametrize("layout", ["token_contiguous", "class_contiguous", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B,K,N", [(1, 1, 1), (2, 7, 33), (3, 64, 17), (1, 301, 40), (2, 33, 300)])
+@pytest.mark.parametrize("B,K,N", [(1, 1, 1), (2, 1, 40), (1, 2, 33), (2, 7, 33), (3, 64, 17),
+                                   (1, 301, 40), (2, 33, 300), (1, 20000, 17)])
 def test_posterior_log_probs_vs_reference(B, K, N, layout, dtype, cpu_isa):
     gen = torch.Generator().manual_seed(B * 1000 + K * 10 + N)
     sched = MaskAndReplaceSchedule(K, 20)
@@ -290,3 +291,19 @@ def test_truncation_keeps_tied_classes_together(layout, ties, cpu_isa):
             assert torch.equal(kept[:, n], above < r), (r, n)
         untied = [n for n in range(N) if n == 7]
         assert _tv(got[..., untied].exp(), want[..., untied].exp()) < 1e-6
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 5])
+@pytest.mark.parametrize("layout", ["token_contiguous", "class_contiguous"])
+def test_truncation_with_few_classes(K, layout, cpu_isa):
+    """K below the token-parallel path's top-4 window, and just above it."""
+    N = 40
+    sched = replace_heavy_schedule(K, 10)
+    gen = torch.Generator().manual_seed(K)
+    logp = _logits(1, K, N, layout, gen=gen)
+    x_t = torch.randint(0, K + 1, (1, N), generator=gen)
+    for r in (0.2, 0.7):
+        for t in (0, 6):
+            got = posterior_log_probs(logp, x_t, t, sched, truncation_rate=r)
+            want = ref.posterior_log_probs(logp, x_t, sched.coefs(t, 1, "cpu"), truncation_rate=r)
+            assert _tv(got.exp(), want.exp()) < 1e-6, (r, t)
