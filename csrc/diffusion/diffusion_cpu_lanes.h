@@ -23,6 +23,23 @@ struct LaneKernels {
   static constexpr int kTop = 4;  // largest values per lane tracked before truncation bisects
   static int64_t num_chunks(int64_t K) { return (K + kChunk - 1) / kChunk; }
 
+  // Per-lane sums of value(q) over each chunk of kChunk classes into sums[c * W + lane], and
+  // their totals into P. value(q) computes (and may store) class q's vector; 4 classes are
+  // summed in float as a tree, then added in float64.
+  template <class Value>
+  static void sum_chunks(int64_t K, double* sums, double* P, Value value) {
+    for (int i = 0; i < W; ++i) P[i] = 0.0;
+    for (int64_t j0 = 0, c = 0; j0 < K; j0 += kChunk, ++c) {
+      const int64_t j1 = j0 + kChunk < K ? j0 + kChunk : K;
+      simd::DoubleAcc<W> acc;
+      int64_t j = j0;
+      for (; j + 4 <= j1; j += 4) acc.add((value(j) + value(j + 1)) + (value(j + 2) + value(j + 3)));
+      for (; j < j1; ++j) acc.add(value(j));
+      acc.lanes(sums + c * W);
+      for (int i = 0; i < W; ++i) P[i] += sums[c * W + i];
+    }
+  }
+
   // W tokens of class j: base + j * stride_class, as float.
   static F load_lanes(const MrLogits& L, int64_t base, int64_t j) {
     const int64_t at = base + j * L.stride_class;
@@ -44,23 +61,13 @@ struct LaneKernels {
   // per-lane chunk sums into sums[c * W + lane]; per-lane totals into P.
   static void exp_block(const MrPosteriorParams& p, int64_t base_c, int64_t base_u, float* E,
                         int64_t K, F M, double* sums, double* P) {
-    for (int i = 0; i < W; ++i) P[i] = 0.0;
-    for (int64_t j0 = 0, c = 0; j0 < K; j0 += kChunk, ++c) {
-      const int64_t j1 = j0 + kChunk < K ? j0 + kChunk : K;
-      simd::DoubleAcc<W> acc;
-      for (int64_t j = j0; j < j1; j += 4) {
-        F part = F{};
-        for (int64_t q = j; q < j + 4 && q < j1; ++q) {
-          const F v = simd::exp<W>(guided(p, base_c, base_u, q) - M);
-          simd::store<W>(E + q * W, v);
-          part += v;
-        }
-        acc.add(part);
-      }
-      acc.lanes(sums + c * W);
-      for (int i = 0; i < W; ++i) P[i] += sums[c * W + i];
-    }
+    sum_chunks(K, sums, P, [&](int64_t q) {
+      const F v = simd::exp<W>(guided(p, base_c, base_u, q) - M);
+      simd::store<W>(E + q * W, v);
+      return v;
+    });
   }
+
 
   // Per-lane top-r truncation: the row kernel's search (same bound, same decision rule, see
   // Kernels::truncate), run for the W tokens at once with per-lane bounds. A pass streams the
@@ -108,25 +115,14 @@ struct LaneKernels {
     I u0;
     for (int i = 0; i < W; ++i) u0[i] = hi[i];
     // Zero the dropped classes and refresh the chunk sums in the same pass.
-    for (int i = 0; i < W; ++i) P[i] = 0.0;
-    for (int64_t j0 = 0, c = 0; j0 < K; j0 += kChunk, ++c) {
-      const int64_t j1 = j0 + kChunk < K ? j0 + kChunk : K;
-      simd::DoubleAcc<W> acc;
-      for (int64_t j = j0; j < j1; j += 4) {
-        F part = F{};
-        for (int64_t q = j; q < j + 4 && q < j1; ++q) {
-          F v = simd::load<W>(E + q * W);
-          I bits;
-          std::memcpy(&bits, &v, sizeof(bits));
-          v = bits >= u0 ? v : F{};
-          simd::store<W>(E + q * W, v);
-          part += v;
-        }
-        acc.add(part);
-      }
-      acc.lanes(sums + c * W);
-      for (int i = 0; i < W; ++i) P[i] += sums[c * W + i];
-    }
+    sum_chunks(K, sums, P, [&](int64_t q) {
+      F v = simd::load<W>(E + q * W);
+      I bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      v = bits >= u0 ? v : F{};
+      simd::store<W>(E + q * W, v);
+      return v;
+    });
   }
 
   // Peaked distributions (guidance, a confident model) keep only a handful of classes, so one
@@ -246,16 +242,7 @@ struct LaneKernels {
       simd::store<W>(E + q * W, e);
       return e;
     };
-    for (int i = 0; i < W; ++i) P[i] = 0.0;
-    for (int64_t j0 = 0, c = 0; j0 < K; j0 += kChunk, ++c) {
-      const int64_t j1 = j0 + kChunk < K ? j0 + kChunk : K;
-      simd::DoubleAcc<W> acc;
-      int64_t j = j0;
-      for (; j + 4 <= j1; j += 4) acc.add((value(j) + value(j + 1)) + (value(j + 2) + value(j + 3)));
-      for (; j < j1; ++j) acc.add(value(j));
-      acc.lanes(sums + c * W);
-      for (int i = 0; i < W; ++i) P[i] += sums[c * W + i];
-    }
+    sum_chunks(K, sums, P, value);
   }
 
   // Per-group max and non-finite flags for `groups` consecutive groups of W tokens from
