@@ -18,12 +18,16 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
         "`pip install -e .`."
     ) from e
 from ._backend import backend, get_backend, set_backend
-from .ops import CodebookLookup, codebook_lookup
+from .ops import CodebookLookup, attention, codebook_lookup
+from .patterns import Local1d, Local2d
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CodebookLookup",
+    "Local1d",
+    "Local2d",
+    "attention",
     "backend",
     "codebook_lookup",
     "get_backend",

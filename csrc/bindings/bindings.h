@@ -9,6 +9,7 @@ namespace bindings {
 void register_info(pybind11::module_& m);
 void register_codebook(pybind11::module_& m);
 void register_diffusion(pybind11::module_& m);
+void register_attention(pybind11::module_& m);
 
 }  // namespace bindings
 }  // namespace imgtx

@@ -1,0 +1,219 @@
+// The CPU attention backward: recompute P tile by tile from the saved log-sum-exp.
+//
+// Task = a share ("chunk") of the query tiles of one (batch, kv head) and all its query heads,
+// so dK and dV of the kv head accumulate in the task's own fp32 buffer without atomics; when
+// there are fewer (batch, kv head) pairs than threads, the tiles are split into chunks whose
+// buffers are summed at the end. Per (subtile, key block), all in the transposed layout:
+//   S^T = K (scale Q)^T, P^T = exp(S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T - Delta),
+//   dV += P dO, dK += dS^T (scale Q), dQ += dS K      (Delta = rowsum(dO * O))
+// Five products per visible block against the forward's two.
+#pragma once
+
+#include "attention/attention_cpu_forward.h"
+
+namespace imgtx {
+namespace IMGTX_CPU_NS {
+namespace attn_cpu {
+
+template <int W>
+void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
+  typedef typename simd::Vec<W>::F F;
+  constexpr int P = Shape<W>::kPanel;
+  constexpr int V = kLanes / W;
+  const int64_t D = p.head_dim, Dv = p.v_dim, Nk = p.k_len;
+  const int64_t dp = round_up(D, W), dvp = round_up(Dv, W);
+  const int64_t bk = key_block<W>(dp, dvp);
+  const int64_t bk_pad = round_up(bk, Shape<W>::kRowAlign);
+  const attn::AttnPlan plan(p, 128);
+  const int64_t tiles = plan.num_tiles();
+  const int64_t max_sub = (plan.max_rows() + kLanes - 1) / kLanes;
+  const int64_t group = p.heads / p.kv_heads;
+  const int64_t pairs = p.batch * p.kv_heads;
+  const int64_t units = group * tiles;  // (query head, tile) pairs per kv head
+  int64_t chunks = 1;
+  if (pairs < 2 * int64_t(num_threads))
+    chunks = std::min(units, (2 * int64_t(num_threads) + pairs - 1) / pairs);
+  const int64_t tasks = pairs * chunks;
+  const int workers = parallel_workers(tasks, num_threads);
+  const bool has_mask = p.mask.kind != AttnMaskKind::kNone;
+  const int64_t acc_ld = dp + dvp;  // acc rows: [dK (dp) | dV (dvp)]
+
+  struct Scratch {
+    attn::QueryTile tile;
+    KeyBlock blk;
+    std::vector<Subtile> sub;
+    std::vector<float> qt, qs, dot, dor, dq, lse, delta, kp, kr, vp, st, dpt, dkb, dvb, tmp, row,
+        acc;
+  };
+  std::vector<Scratch> scratch(static_cast<size_t>(workers));
+  for (auto& s : scratch) {
+    s.sub.resize(size_t(max_sub));
+    s.qt.assign(size_t(max_sub * dp * kLanes), 0.0f);
+    s.qs.assign(size_t(max_sub * kLanes * dp), 0.0f);
+    s.dot.assign(size_t(max_sub * dvp * kLanes), 0.0f);
+    s.dor.assign(size_t(max_sub * kLanes * dvp), 0.0f);
+    s.dq.assign(size_t(max_sub * kLanes * dp), 0.0f);
+    s.lse.resize(size_t(max_sub * kLanes));
+    s.delta.resize(size_t(max_sub * kLanes));
+    s.kp.assign(size_t(bk_pad * dp), 0.0f);
+    s.kr.assign(size_t(bk * dp), 0.0f);
+    s.vp.assign(size_t(bk_pad * dvp), 0.0f);
+    s.st.assign(size_t(bk_pad * kLanes), 0.0f);
+    s.dpt.assign(size_t(bk_pad * kLanes), 0.0f);
+    s.dkb.assign(size_t(bk_pad * dp), 0.0f);
+    s.dvb.assign(size_t(bk_pad * dvp), 0.0f);
+    s.tmp.resize(size_t(std::max(dp, dvp)));
+    s.row.resize(size_t(std::max(dp, dvp)));
+    if (chunks == 1) s.acc.resize(size_t(Nk * acc_ld));
+  }
+  std::vector<float> chunk_acc;
+  if (chunks > 1) chunk_acc.assign(size_t(tasks * Nk * acc_ld), 0.0f);
+
+  const auto write_rows = [&](const AttnOutput& o, int64_t b, int64_t h, int64_t row,
+                              const float* src, int64_t dim, float* tmp) {
+    std::copy(src, src + dim, tmp);
+    store_rounded_as_dtype(o.data, b * o.stride_batch + h * o.stride_head + row * o.stride_row,
+                           tmp, dim, o.dtype);
+  };
+
+  parallel_for(tasks, num_threads, [&](int64_t task, int worker) {
+    Scratch& s = scratch[size_t(worker)];
+    const int64_t pair = task / chunks, chunk = task % chunks;
+    const int64_t b = pair / p.kv_heads, g = pair % p.kv_heads;
+    float* acc = chunks == 1 ? s.acc.data() : chunk_acc.data() + task * Nk * acc_ld;
+    if (chunks == 1) std::fill(s.acc.begin(), s.acc.end(), 0.0f);
+    const int64_t u0 = units * chunk / chunks, u1 = units * (chunk + 1) / chunks;
+
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t h = g * group + u / tiles, t = u % tiles;
+      plan.tile(t, b, s.tile);
+      const int64_t nsub = (int64_t(s.tile.rows.size()) + kLanes - 1) / kLanes;
+      for (int64_t i = 0; i < nsub; ++i) {
+        Subtile& sub = s.sub[size_t(i)];
+        make_subtile(s.tile, i * kLanes, sub);
+        pack_transposed(p.q, b, h, sub, D, dp, p.scale, s.qt.data() + i * dp * kLanes,
+                        s.tmp.data());
+        pack_transposed(p.grad_out, b, h, sub, Dv, dvp, 1.0f, s.dot.data() + i * dvp * kLanes,
+                        s.tmp.data());
+        for (int lane = 0; lane < kLanes; ++lane) {
+          float* qs = s.qs.data() + (i * kLanes + lane) * dp;
+          float* dor = s.dor.data() + (i * kLanes + lane) * dvp;
+          float& lse = s.lse[size_t(i * kLanes + lane)];
+          float& delta = s.delta[size_t(i * kLanes + lane)];
+          if (lane >= sub.count) {
+            std::fill(qs, qs + dp, 0.0f);
+            std::fill(dor, dor + dvp, 0.0f);
+            lse = std::numeric_limits<float>::infinity();  // P = 0 on padding lanes
+            delta = 0.0f;
+            continue;
+          }
+          const int64_t row = sub.row[lane];
+          load_row(p.q, b, h, row, D, dp, qs);
+          for (int64_t d = 0; d < dp; ++d) qs[d] *= p.scale;
+          load_row(p.grad_out, b, h, row, Dv, dvp, dor);
+          load_row(p.out, b, h, row, Dv, dvp, s.tmp.data());
+          double dsum = 0.0;
+          for (int64_t d = 0; d < Dv; ++d) dsum += double(dor[d]) * double(s.tmp[size_t(d)]);
+          delta = float(dsum);
+          lse = p.lse[(b * p.heads + h) * p.q_len + row];
+        }
+      }
+      std::fill(s.dq.begin(), s.dq.begin() + nsub * kLanes * dp, 0.0f);
+
+      KeyBlocks blocks(s.tile, bk);
+      while (blocks.next(s.blk)) {
+        const KeyBlock& blk = s.blk;
+        const int64_t padded = round_up(blk.count, Shape<W>::kRowAlign);
+        bool packed = false;
+        const float* krows = nullptr;
+        int64_t ldk = 0;
+        for (int64_t i = 0; i < nsub; ++i) {
+          const Subtile& sub = s.sub[size_t(i)];
+          const Visibility vis = classify(blk, sub, has_mask);
+          if (vis == Visibility::kNone) continue;
+          if (!packed) {
+            pack_panels<P>(p.k, b, g, blk, D, dp, padded, s.kp.data(), s.tmp.data());
+            pack_panels<P>(p.v, b, g, blk, Dv, dvp, padded, s.vp.data(), s.tmp.data());
+            krows = rows_fp32(p.k, b, g, blk, D, dp, s.kr.data(), ldk);
+            std::fill(s.dkb.begin(), s.dkb.begin() + padded * dp, 0.0f);
+            std::fill(s.dvb.begin(), s.dvb.begin() + padded * dvp, 0.0f);
+            packed = true;
+          }
+          float* st = s.st.data();
+          float* dpt = s.dpt.data();
+          panels_times_lanes<W>(s.kp.data(), dp, padded, s.qt.data() + i * dp * kLanes, st);
+          if (vis == Visibility::kPartial) apply_masks<W>(p, b, h, blk, sub, st);
+          panels_times_lanes<W>(s.vp.data(), dvp, padded, s.dot.data() + i * dvp * kLanes, dpt);
+          F lse[V], delta[V];
+          for (int v = 0; v < V; ++v) {
+            lse[v] = simd::load<W>(s.lse.data() + i * kLanes + v * W);
+            delta[v] = simd::load<W>(s.delta.data() + i * kLanes + v * W);
+          }
+          for (int64_t j = 0; j < blk.count; ++j)
+            for (int v = 0; v < V; ++v) {
+              float* sp = st + j * kLanes + v * W;
+              float* dq = dpt + j * kLanes + v * W;
+              const F pr = simd::exp<W>(simd::load<W>(sp) - lse[v]);
+              simd::store<W>(sp, pr);
+              simd::store<W>(dq, pr * (simd::load<W>(dq) - delta[v]));  // dS^T
+            }
+          for (int64_t j = blk.count; j < padded; ++j)  // padding keys contribute nothing
+            for (int l = 0; l < kLanes; ++l) st[j * kLanes + l] = dpt[j * kLanes + l] = 0.0f;
+          rows_times_matrix<W, 1, kLanes, true>(kLanes, st, s.dor.data() + i * kLanes * dvp,
+                                                dvp, s.dvb.data(), dvp, dvp, int(padded));
+          rows_times_matrix<W, 1, kLanes, true>(kLanes, dpt, s.qs.data() + i * kLanes * dp, dp,
+                                                s.dkb.data(), dp, dp, int(padded));
+          rows_times_matrix<W, kLanes, 1, true>(blk.count, dpt, krows, ldk,
+                                                s.dq.data() + i * kLanes * dp, dp, dp, kLanes);
+        }
+        if (!packed) continue;
+        for (int64_t j = 0; j < blk.count; ++j) {
+          float* a = acc + blk.row[size_t(j)] * acc_ld;
+          const float* dk = s.dkb.data() + j * dp;
+          const float* dv = s.dvb.data() + j * dvp;
+          for (int64_t d = 0; d < dp; ++d) a[d] += dk[d];
+          for (int64_t d = 0; d < dvp; ++d) a[dp + d] += dv[d];
+        }
+      }
+      for (int64_t i = 0; i < nsub; ++i) {
+        const Subtile& sub = s.sub[size_t(i)];
+        for (int lane = 0; lane < sub.count; ++lane) {
+          float* dq = s.dq.data() + (i * kLanes + lane) * dp;
+          for (int64_t d = 0; d < D; ++d) dq[d] *= p.scale;  // dQ = scale * dS K
+          write_rows(p.grad_q, b, h, sub.row[lane], dq, D, s.row.data());
+        }
+      }
+    }
+    if (chunks == 1) {
+      for (int64_t j = 0; j < Nk; ++j) {
+        write_rows(p.grad_k, b, g, j, acc + j * acc_ld, D, s.row.data());
+        write_rows(p.grad_v, b, g, j, acc + j * acc_ld + dp, Dv, s.row.data());
+      }
+    }
+  });
+
+  if (chunks == 1) return;
+  // Sum the chunks' buffers per (batch, kv head, block of key rows).
+  const int64_t rows_per = 64, row_blocks = (Nk + rows_per - 1) / rows_per;
+  parallel_for(pairs * row_blocks, num_threads, [&](int64_t task, int worker) {
+    Scratch& s = scratch[size_t(worker)];
+    const int64_t pair = task / row_blocks, j0 = (task % row_blocks) * rows_per;
+    const int64_t b = pair / p.kv_heads, g = pair % p.kv_heads;
+    const float* base = chunk_acc.data() + pair * chunks * Nk * acc_ld;
+    std::vector<float>& sum = s.tmp;
+    sum.resize(size_t(acc_ld));
+    for (int64_t j = j0; j < std::min(Nk, j0 + rows_per); ++j) {
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* a = base + (c * Nk + j) * acc_ld;
+        for (int64_t d = 0; d < acc_ld; ++d) sum[size_t(d)] += a[d];
+      }
+      write_rows(p.grad_k, b, g, j, sum.data(), D, s.row.data());
+      write_rows(p.grad_v, b, g, j, sum.data() + dp, Dv, s.row.data());
+    }
+  });
+}
+
+}  // namespace attn_cpu
+}  // namespace IMGTX_CPU_NS
+}  // namespace imgtx

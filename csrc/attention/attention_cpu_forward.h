@@ -1,0 +1,168 @@
+// The CPU attention forward (flash-style online softmax), templated on the vector width.
+//
+// Task = one query tile of one (batch, head). For each key block the tile's plan allows, the
+// block's K is packed once into panels and its V rows read (or packed when not fp32), then
+// every 32-query subtile runs: S^T = K (scale Q)^T, masks on partial blocks only, the online
+// softmax down the key axis (lane-wise), O = alpha O + P V. Extra memory is per worker:
+// the tile's packed queries and fp32 accumulators plus one key block.
+#pragma once
+
+#include "attention/attention_cpu_tile.h"
+#include "common/thread_pool.h"
+
+namespace imgtx {
+namespace IMGTX_CPU_NS {
+namespace attn_cpu {
+
+// Key block size: K and V blocks of about 64 KB together (L2-resident while the subtiles
+// stream past them), a multiple of the micro-kernels' row blocking.
+template <int W>
+int64_t key_block(int64_t dp, int64_t dvp) {
+  const int64_t align = Shape<W>::kRowAlign;
+  return std::max<int64_t>(align, std::min<int64_t>(256, round_up(16384 / (dp + dvp), align)));
+}
+
+// Online softmax over one block for one subtile: st holds the block's scores [count][32] and
+// becomes P; m, l are the running max and sum per lane; alpha receives exp(m_old - m_new).
+// Returns whether any alpha differs from 1 (the accumulator then needs rescaling).
+template <int W>
+bool softmax_block(float* st, int64_t count, float* m, float* l, float* alpha) {
+  typedef typename simd::Vec<W>::F F;
+  constexpr int V = kLanes / W;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  F mx[V], sum[V], use[V];
+  for (int v = 0; v < V; ++v) mx[v] = simd::load<W>(m + v * W);
+  for (int64_t t = 0; t < count; ++t)
+    for (int v = 0; v < V; ++v) {
+      const F x = simd::load<W>(st + t * kLanes + v * W);
+      mx[v] = x > mx[v] ? x : mx[v];
+    }
+  bool rescale = false;
+  for (int v = 0; v < V; ++v) {
+    const F old = simd::load<W>(m + v * W);
+    use[v] = mx[v] == ninf ? F{} : mx[v];  // no visible key yet: exp(-inf - 0) = 0
+    const F a = simd::exp<W>(old - use[v]);
+    simd::store<W>(alpha + v * W, a);
+    simd::store<W>(m + v * W, mx[v]);
+    for (int i = 0; i < W; ++i) rescale |= a[i] != 1.0f;
+    sum[v] = F{};
+  }
+  for (int64_t t = 0; t < count; ++t)
+    for (int v = 0; v < V; ++v) {
+      float* ptr = st + t * kLanes + v * W;
+      const F e = simd::exp<W>(simd::load<W>(ptr) - use[v]);
+      simd::store<W>(ptr, e);
+      sum[v] += e;
+    }
+  for (int v = 0; v < V; ++v)
+    simd::store<W>(l + v * W, simd::load<W>(l + v * W) * simd::load<W>(alpha + v * W) + sum[v]);
+  return rescale;
+}
+
+template <int W>
+void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
+  constexpr int P = Shape<W>::kPanel;
+  const int64_t D = p.head_dim, Dv = p.v_dim;
+  const int64_t dp = round_up(D, W), dvp = round_up(Dv, W);
+  const int64_t bk = key_block<W>(dp, dvp);
+  const attn::AttnPlan plan(p, 128);
+  const int64_t tiles = plan.num_tiles();
+  const int64_t max_sub = (plan.max_rows() + kLanes - 1) / kLanes;
+  const int64_t tasks = p.batch * p.heads * tiles;
+  const int workers = parallel_workers(tasks, num_threads);
+  const int64_t group = p.heads / p.kv_heads;
+  const bool has_mask = p.mask.kind != AttnMaskKind::kNone;
+
+  struct Scratch {
+    attn::QueryTile tile;
+    KeyBlock blk;
+    std::vector<Subtile> sub;
+    std::vector<float> qt, o, m, l, alpha, kp, vbuf, st, tmp, row;
+  };
+  std::vector<Scratch> scratch(static_cast<size_t>(workers));
+  for (auto& s : scratch) {
+    s.sub.resize(size_t(max_sub));
+    s.qt.assign(size_t(max_sub * dp * kLanes), 0.0f);
+    s.o.assign(size_t(max_sub * kLanes * dvp), 0.0f);
+    s.m.resize(size_t(max_sub * kLanes));
+    s.l.resize(size_t(max_sub * kLanes));
+    s.alpha.resize(kLanes);
+    s.kp.assign(size_t(round_up(bk, P) * dp), 0.0f);
+    s.vbuf.assign(size_t(bk * dvp), 0.0f);
+    s.st.assign(size_t(round_up(bk, P) * kLanes), 0.0f);
+    s.tmp.resize(size_t(std::max(dp, dvp)));
+    s.row.resize(size_t(dvp));
+  }
+
+  parallel_for(tasks, num_threads, [&](int64_t task, int worker) {
+    Scratch& s = scratch[size_t(worker)];
+    const int64_t t = task % tiles, bh = task / tiles;
+    const int64_t b = bh / p.heads, h = bh % p.heads, g = h / group;
+    plan.tile(t, b, s.tile);
+    const int64_t rows = int64_t(s.tile.rows.size());
+    const int64_t nsub = (rows + kLanes - 1) / kLanes;
+    for (int64_t i = 0; i < nsub; ++i) {
+      make_subtile(s.tile, i * kLanes, s.sub[size_t(i)]);
+      pack_transposed(p.q, b, h, s.sub[size_t(i)], D, dp, p.scale,
+                      s.qt.data() + i * dp * kLanes, s.tmp.data());
+    }
+    std::fill(s.o.begin(), s.o.begin() + nsub * kLanes * dvp, 0.0f);
+    std::fill(s.m.begin(), s.m.begin() + nsub * kLanes, -std::numeric_limits<float>::infinity());
+    std::fill(s.l.begin(), s.l.begin() + nsub * kLanes, 0.0f);
+
+    KeyBlocks blocks(s.tile, bk);
+    while (blocks.next(s.blk)) {
+      const KeyBlock& blk = s.blk;
+      const int64_t padded = round_up(blk.count, P);
+      bool packed = false;
+      const float* vrows = nullptr;
+      int64_t ldv = 0;
+      for (int64_t i = 0; i < nsub; ++i) {
+        const Subtile& sub = s.sub[size_t(i)];
+        const Visibility vis = classify(blk, sub, has_mask);
+        if (vis == Visibility::kNone) continue;
+        if (!packed) {
+          pack_panels<P>(p.k, b, g, blk, D, dp, padded, s.kp.data(), s.tmp.data());
+          vrows = rows_fp32(p.v, b, g, blk, Dv, dvp, s.vbuf.data(), ldv);
+          packed = true;
+        }
+        float* st = s.st.data();
+        panels_times_lanes<W>(s.kp.data(), dp, padded, s.qt.data() + i * dp * kLanes, st);
+        if (vis == Visibility::kPartial) apply_masks<W>(p, b, h, blk, sub, st);
+        float* o = s.o.data() + i * kLanes * dvp;
+        if (softmax_block<W>(st, blk.count, s.m.data() + i * kLanes, s.l.data() + i * kLanes,
+                             s.alpha.data())) {
+          for (int lane = 0; lane < kLanes; ++lane) {
+            const float a = s.alpha[size_t(lane)];
+            float* orow = o + lane * dvp;
+            for (int64_t d = 0; d < dvp; ++d) orow[d] *= a;
+          }
+        }
+        rows_times_matrix<W, kLanes, 1, true>(blk.count, st, vrows, ldv, o, dvp, dvp, kLanes);
+      }
+    }
+
+    for (int64_t i = 0; i < nsub; ++i) {
+      const Subtile& sub = s.sub[size_t(i)];
+      const float* o = s.o.data() + i * kLanes * dvp;
+      for (int lane = 0; lane < sub.count; ++lane) {
+        const int64_t row = sub.row[lane];
+        const float l = s.l[size_t(i * kLanes + lane)];
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int64_t d = 0; d < Dv; ++d) s.row[size_t(d)] = o[lane * dvp + d] * inv;
+        store_rounded_as_dtype(p.out.data,
+                               b * p.out.stride_batch + h * p.out.stride_head + row * p.out.stride_row,
+                               s.row.data(), Dv, p.out.dtype);
+        if (p.lse) {
+          const float m = s.m[size_t(i * kLanes + lane)];
+          p.lse[(b * p.heads + h) * p.q_len + row] =
+              l > 0.0f ? m + std::log(l) : (std::isnan(l) ? l : kLseEmpty);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace attn_cpu
+}  // namespace IMGTX_CPU_NS
+}  // namespace imgtx

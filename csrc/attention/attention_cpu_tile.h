@@ -1,0 +1,253 @@
+// Per-task building blocks of the CPU attention kernels: key blocks, packing, masking, softmax.
+//
+// Included by one .cpp per ISA inside its own namespace (IMGTX_CPU_NS), like the other
+// families. A task owns one query tile of one (batch, head); its queries are processed in
+// "subtiles" of kLanes = 32 queries, whose scores are held transposed ([key][32 queries]).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attention/attention_cpu_mm.h"
+#include "attention/attention_plan.h"
+#include "common/simd.h"
+#include "imgtx/attention.h"
+
+namespace imgtx {
+namespace IMGTX_CPU_NS {
+namespace attn_cpu {
+
+constexpr int kLanes = 32;
+constexpr int32_t kPlainKey = std::numeric_limits<int32_t>::min();  // kpos of a key every query sees
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Micro-kernel shapes per vector width (see attention_cpu_mm.h).
+template <int W>
+struct Shape {
+  static constexpr int kPanel = W == 16 ? 12 : 6;    // keys per K panel (S^T rows per call)
+  static constexpr int kRows = W == 16 ? 8 : 4;      // rows per call of the row-major products
+  static constexpr int kRowAlign = W == 16 ? 24 : 12;  // lcm(kPanel, kRows): key-block padding
+};
+
+inline const char* row_ptr(const AttnTensor& t, int64_t b, int64_t h, int64_t row) {
+  return static_cast<const char*>(t.data) +
+         (b * t.stride_batch + h * t.stride_head + row * t.stride_row) * dtype_size(t.dtype);
+}
+
+// Row `row` of t as fp32 in out[0, dim), zeros in out[dim, padded).
+inline void load_row(const AttnTensor& t, int64_t b, int64_t h, int64_t row, int64_t dim,
+                     int64_t padded, float* out) {
+  load_strided_as_float(row_ptr(t, b, h, 0), row * t.stride_row, 1, dim, t.dtype, out);
+  std::fill(out + dim, out + padded, 0.0f);
+}
+
+// One block of up to `cap` keys drawn from the tile's segments, in order.
+struct KeyBlock {
+  std::vector<int64_t> row;   // key rows
+  std::vector<int32_t> kpos;  // kPlainKey, or the key's position in a causal segment
+  int64_t count = 0;
+  int32_t kpos_max = kPlainKey;  // largest causal position (kPlainKey if none)
+  int32_t kpos_min = 0;          // smallest causal position
+  bool all_causal = false, contiguous = false;
+};
+
+// Walks the tile's segments block by block.
+class KeyBlocks {
+ public:
+  KeyBlocks(const attn::QueryTile& tile, int64_t cap) : tile_(tile), cap_(cap) {}
+  bool next(KeyBlock& blk) {
+    blk.row.resize(size_t(cap_));
+    blk.kpos.resize(size_t(cap_));
+    blk.count = 0;
+    blk.kpos_max = kPlainKey;
+    blk.kpos_min = std::numeric_limits<int32_t>::max();
+    blk.all_causal = true;
+    while (blk.count < cap_ && seg_ < tile_.segments.size()) {
+      const attn::KeySegment& s = tile_.segments[seg_];
+      const int64_t n = std::min(cap_ - blk.count, s.len - off_);
+      for (int64_t t = 0; t < n; ++t) {
+        blk.row[size_t(blk.count + t)] = s.start + off_ + t;
+        blk.kpos[size_t(blk.count + t)] = s.causal ? int32_t(s.kpos0 + off_ + t) : kPlainKey;
+      }
+      if (s.causal) {
+        blk.kpos_min = std::min(blk.kpos_min, int32_t(s.kpos0 + off_));
+        blk.kpos_max = std::max(blk.kpos_max, int32_t(s.kpos0 + off_ + n - 1));
+      } else {
+        blk.all_causal = false;
+      }
+      blk.count += n;
+      off_ += n;
+      if (off_ == s.len) {
+        ++seg_;
+        off_ = 0;
+      }
+    }
+    if (blk.count == 0) return false;
+    blk.contiguous = blk.row[size_t(blk.count - 1)] - blk.row[0] == blk.count - 1;
+    return true;
+  }
+
+ private:
+  const attn::QueryTile& tile_;
+  int64_t cap_;
+  size_t seg_ = 0;
+  int64_t off_ = 0;
+};
+
+// The queries of one subtile: rows, positions, and the range of positions of real lanes.
+struct Subtile {
+  int count = 0;
+  int64_t row[kLanes];
+  int32_t qpos[kLanes];  // padding lanes: INT32_MAX (they see everything: finite, harmless)
+  int32_t qmin = 0, qmax = 0;
+};
+
+inline void make_subtile(const attn::QueryTile& tile, int64_t first, Subtile& s) {
+  s.count = int(std::min<int64_t>(kLanes, int64_t(tile.rows.size()) - first));
+  s.qmin = std::numeric_limits<int32_t>::max();
+  s.qmax = std::numeric_limits<int32_t>::min();
+  for (int l = 0; l < kLanes; ++l) {
+    if (l < s.count) {
+      s.row[l] = tile.rows[size_t(first + l)];
+      s.qpos[l] = tile.qpos[size_t(first + l)];
+      s.qmin = std::min(s.qmin, s.qpos[l]);
+      s.qmax = std::max(s.qmax, s.qpos[l]);
+    } else {
+      s.row[l] = -1;
+      s.qpos[l] = std::numeric_limits<int32_t>::max();
+    }
+  }
+}
+
+enum class Visibility { kNone, kPartial, kAll };
+
+// Whether the subtile's queries see none, some or all of the block (causal rule only; a mask
+// makes every visited block partial).
+inline Visibility classify(const KeyBlock& blk, const Subtile& s, bool has_mask) {
+  if (blk.all_causal && blk.kpos_min > s.qmax) return Visibility::kNone;
+  if (blk.kpos_max > s.qmin || has_mask) return Visibility::kPartial;
+  return Visibility::kAll;
+}
+
+// st[t][lane] = -inf where key t is invisible to the lane's query (causal rule), then the
+// mask (bool: -inf where false; additive: added) for every real lane.
+template <int W>
+void apply_masks(const AttnParams& p, int64_t b, int64_t h, const KeyBlock& blk,
+                 const Subtile& s, float* st) {
+  typedef typename simd::Vec<W>::F F;
+  typedef typename simd::Vec<W>::I I;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  if (blk.kpos_max > s.qmin) {
+    I q[kLanes / W];
+    for (int v = 0; v < kLanes / W; ++v) std::memcpy(&q[v], s.qpos + v * W, sizeof(I));
+    for (int64_t t = 0; t < blk.count; ++t) {
+      const int32_t kp = blk.kpos[size_t(t)];
+      if (kp <= s.qmin) continue;
+      for (int v = 0; v < kLanes / W; ++v) {
+        float* ptr = st + t * kLanes + v * W;
+        const F x = simd::load<W>(ptr);
+        simd::store<W>(ptr, kp <= q[v] ? x : simd::splat<W>(ninf));
+      }
+    }
+  }
+  const AttnMask& m = p.mask;
+  if (m.kind == AttnMaskKind::kNone) return;
+  const int esize = m.kind == AttnMaskKind::kBool ? 1 : dtype_size(m.dtype);
+  for (int l = 0; l < s.count; ++l) {
+    const char* base = static_cast<const char*>(m.data) +
+                       (b * m.stride_batch + h * m.stride_head + s.row[l] * m.stride_q) * esize;
+    if (m.kind == AttnMaskKind::kBool) {
+      const uint8_t* mb = reinterpret_cast<const uint8_t*>(base);
+      for (int64_t t = 0; t < blk.count; ++t)
+        if (!mb[blk.row[size_t(t)] * m.stride_k]) st[t * kLanes + l] = ninf;
+    } else {
+      for (int64_t t = 0; t < blk.count; ++t) {
+        float add;
+        load_strided_as_float(base, blk.row[size_t(t)] * m.stride_k, 1, 1, m.dtype, &add);
+        st[t * kLanes + l] += add;
+      }
+    }
+  }
+}
+
+// K rows of the block in panel layout: kp[(t / P) * dp * P + d * P + t % P] (zero padding).
+template <int P>
+void pack_panels(const AttnTensor& t, int64_t b, int64_t h, const KeyBlock& blk, int64_t dim,
+                 int64_t dp, int64_t padded_count, float* kp, float* tmp) {
+  for (int64_t j = 0; j < padded_count; ++j) {
+    float* panel = kp + (j / P) * dp * P + j % P;
+    if (j < blk.count) {
+      load_row(t, b, h, blk.row[size_t(j)], dim, dp, tmp);
+      for (int64_t d = 0; d < dp; ++d) panel[d * P] = tmp[d];
+    } else {
+      for (int64_t d = 0; d < dp; ++d) panel[d * P] = 0.0f;
+    }
+  }
+}
+
+// Rows of the block as fp32 [count][dp]; or, when the rows already are fp32 at a fixed stride
+// with a padded width, a pointer into the tensor (sets ld).
+inline const float* rows_fp32(const AttnTensor& t, int64_t b, int64_t h, const KeyBlock& blk,
+                              int64_t dim, int64_t dp, float* buf, int64_t& ld) {
+  if (t.dtype == DType::kFloat32 && blk.contiguous && dim == dp) {
+    ld = t.stride_row;
+    return reinterpret_cast<const float*>(row_ptr(t, b, h, blk.row[0]));
+  }
+  for (int64_t j = 0; j < blk.count; ++j)
+    load_row(t, b, h, blk.row[size_t(j)], dim, dp, buf + j * dp);
+  ld = dp;
+  return buf;
+}
+
+// Queries of the subtile transposed and scaled: qt[d][lane] = scale * q[row_lane][d].
+inline void pack_transposed(const AttnTensor& t, int64_t b, int64_t h, const Subtile& s,
+                            int64_t dim, int64_t dp, float scale, float* qt, float* tmp) {
+  for (int l = 0; l < kLanes; ++l) {
+    if (l < s.count) {
+      load_row(t, b, h, s.row[l], dim, dp, tmp);
+      for (int64_t d = 0; d < dp; ++d) qt[d * kLanes + l] = scale * tmp[d];
+    } else {
+      for (int64_t d = 0; d < dp; ++d) qt[d * kLanes + l] = 0.0f;
+    }
+  }
+}
+
+// C[32 rows][dp] (+)= sum_k A(k, r) B[k][:] over column chunks of 2W (and one W tail), with
+// A(k, r) = a[k * AK + r * AR]: the row-major products (PV, dQ).
+template <int W, int AK, int AR, bool kAccumulate>
+void rows_times_matrix(int64_t kdim, const float* a, const float* bmat, int64_t ldb, float* c,
+                       int64_t ldc, int64_t dp, int rows) {
+  constexpr int MR = Shape<W>::kRows;
+  for (int r0 = 0; r0 < rows; r0 += MR) {
+    int64_t d0 = 0;
+    for (; d0 + 2 * W <= dp; d0 += 2 * W)
+      attn_mm::mm<W, MR, 2, AK, AR, kAccumulate>(kdim, a + r0 * AR, bmat + d0, ldb,
+                                                 c + r0 * ldc + d0, ldc);
+    if (d0 < dp)
+      attn_mm::mm<W, MR, 1, AK, AR, kAccumulate>(kdim, a + r0 * AR, bmat + d0, ldb,
+                                                 c + r0 * ldc + d0, ldc);
+  }
+}
+
+// st[j][lane] = sum_d panel(j, d) * bt[d][lane] for the block's padded keys: S^T = K Q^T and
+// dP^T = V dO^T.
+template <int W>
+void panels_times_lanes(const float* kp, int64_t dp, int64_t padded_count, const float* bt,
+                        float* st) {
+  constexpr int P = Shape<W>::kPanel;
+  for (int64_t j0 = 0; j0 < padded_count; j0 += P) {
+    const float* panel = kp + (j0 / P) * dp * P;
+    for (int l0 = 0; l0 < kLanes; l0 += 2 * W)
+      attn_mm::mm<W, P, 2, P, 1, false>(dp, panel, bt + l0, kLanes, st + j0 * kLanes + l0,
+                                        kLanes);
+  }
+}
+
+}  // namespace attn_cpu
+}  // namespace IMGTX_CPU_NS
+}  // namespace imgtx

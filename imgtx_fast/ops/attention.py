@@ -1,0 +1,259 @@
+"""torch.ops.imgtx.attention_forward / attention_backward: fused (flash-style) attention.
+
+One op serves dense, causal (any alignment), key-padded, masked, GQA/MQA and Image Transformer
+local 1D/2D attention: the kernel visits only the key tiles a query tile can see and masks
+boundary tiles only. The forward saves the log-sum-exp; the backward recomputes P tile by
+tile. Semantics: csrc/include/imgtx/attention.h and ../shared/specs/local_attention.md.
+
+CUDA tensors run the plain-PyTorch reference until the CUDA kernels land.
+"""
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _C
+from .._dtypes import float_code
+from ..patterns import Local1d, Local2d
+from ..reference import attention as _reference
+from ._launch import num_threads
+
+_OP = "attention"
+_MAX_HEAD_DIM = 256
+_NO_CAUSAL = _C.ATTN_NO_CAUSAL  # causal_offset meaning "not causal"
+
+# pattern list: [kind, block, filter_width, causal, height, width, qh, qw, fh, fw]
+_DENSE, _LOCAL1D, _LOCAL2D = 0, 1, 2
+_MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2
+
+
+def pattern_args(pattern) -> List[int]:
+    if pattern is None:
+        return [_DENSE, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    if isinstance(pattern, Local1d):
+        return [_LOCAL1D, pattern.block, pattern.filter_width, int(pattern.causal), 0, 0, 0, 0, 0, 0]
+    if isinstance(pattern, Local2d):
+        (qh, qw), (fh, fw) = pattern.query_shape, pattern.memory_flange
+        return [_LOCAL2D, 0, 0, int(pattern.causal), pattern.height, pattern.width, qh, qw, fh, fw]
+    raise TypeError(f"{_OP}: pattern must be Local1d, Local2d or None, got {type(pattern).__name__}")
+
+
+def pattern_from_args(args: List[int]):
+    kind = args[0]
+    if kind == _LOCAL1D:
+        return Local1d(block=args[1], causal=bool(args[3]), filter_width=args[2])
+    if kind == _LOCAL2D:
+        return Local2d(args[4], args[5], (args[6], args[7]), (args[8], args[9]), bool(args[3]))
+    return None
+
+
+def _tensor_arg(t: Tensor, name: str):
+    return (t.data_ptr(), float_code(t, name, _OP), t.stride(0), t.stride(1), t.stride(2))
+
+
+def _mask_arg(mask: Optional[Tensor]):
+    if mask is None:
+        return (0, _MASK_NONE, 0, 0, 0, 0, 0)
+    if mask.dtype == torch.bool:
+        kind, code = _MASK_BOOL, 0
+    else:
+        kind, code = _MASK_ADD, float_code(mask, "attn_mask", _OP)
+    return (mask.data_ptr(), kind, code) + tuple(mask.stride())
+
+
+def _dense_last(t: Tensor) -> Tensor:
+    """D must be contiguous for the kernels; any strides on B, H, N are taken as they are."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _reference_forward(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale):
+    Nq, Nk = q.shape[2], k.shape[2]
+    mask = attn_mask
+    if causal_offset != _NO_CAUSAL:
+        i = torch.arange(Nq, device=q.device)[:, None] + causal_offset
+        causal = torch.arange(Nk, device=q.device)[None, :] <= i
+        mask = causal if mask is None else (
+            mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, -math.inf))
+    out, lse = _reference.attention(q.float(), k.float(), v.float(), key_lengths=key_lengths,
+                                    attn_mask=mask, pattern=pattern_from_args(pattern),
+                                    scale=scale, return_lse=True)
+    return out.to(q.dtype), lse.float()
+
+
+@torch.library.custom_op("imgtx::attention_forward", mutates_args=())
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_lengths: Optional[Tensor],
+                      attn_mask: Optional[Tensor], pattern: List[int], causal_offset: int,
+                      scale: float) -> Tuple[Tensor, Tensor]:
+    """(out (B, H, Nq, Dv) in q's dtype, lse (B, H, Nq) float32)."""
+    if q.device.type != "cpu":
+        return _reference_forward(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale)
+    B, H, Nq, _ = q.shape
+    Hkv, Nk, Dv = v.shape[1], v.shape[2], v.shape[3]
+    q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+    out = q.new_empty((B, Nq, H, Dv)).transpose(1, 2)  # (B, N, H, D) memory: what projections want
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(_reference.LSE_EMPTY)
+    _C.attention_forward_cpu(
+        (B, H, Hkv, Nq, Nk, q.shape[3], Dv), _tensor_arg(q, "q"), _tensor_arg(k, "k"),
+        _tensor_arg(v, "v"), (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
+        lse.data_ptr(), float(scale), int(causal_offset), _mask_arg(attn_mask),
+        key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern), num_threads())
+    return out, lse
+
+
+@attention_forward.register_fake
+def _(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale):
+    B, H, Nq, _ = q.shape
+    out = q.new_empty((B, Nq, H, v.shape[3])).transpose(1, 2)
+    return out, q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("imgtx::attention_backward", mutates_args=())
+def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                       lse: Tensor, key_lengths: Optional[Tensor], attn_mask: Optional[Tensor],
+                       pattern: List[int], causal_offset: int,
+                       scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    if q.device.type != "cpu":
+        with torch.enable_grad():
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            o, _ = _reference_forward(qq, kk, vv, key_lengths, attn_mask, pattern, causal_offset, scale)
+            return torch.autograd.grad(o, (qq, kk, vv), grad_out)
+    B, H, Nq, D = q.shape
+    Hkv, Nk, Dv = v.shape[1], v.shape[2], v.shape[3]
+    q, k, v, out = _dense_last(q), _dense_last(k), _dense_last(v), _dense_last(out)
+    grad_out = _dense_last(grad_out.to(q.dtype))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    _C.attention_backward_cpu(
+        (B, H, Hkv, Nq, Nk, D, Dv), _tensor_arg(q, "q"), _tensor_arg(k, "k"), _tensor_arg(v, "v"),
+        _tensor_arg(out, "out"), _tensor_arg(grad_out, "grad_out"), lse.contiguous().data_ptr(),
+        _tensor_arg(dq, "q"), _tensor_arg(dk, "k"), _tensor_arg(dv, "v"), float(scale),
+        int(causal_offset), _mask_arg(attn_mask),
+        key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern), num_threads())
+    return dq, dk, dv
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, key_lengths, attn_mask, pattern, causal_offset, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], key_lengths, attn_mask)
+    ctx.args = (pattern, causal_offset, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_lengths, attn_mask = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None, None, None
+    dq, dk, dv = torch.ops.imgtx.attention_backward(grad_out, q, k, v, out, lse, key_lengths,
+                                                    attn_mask, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        float_code(t, name, _OP)
+        if t.dim() != 4:
+            raise ValueError(f"{_OP}: {name} must be 4-D (B, heads, N, D), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{_OP}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{_OP}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, H, Nq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"{_OP}: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"{_OP}: k and v must have the same (B, heads, N), got {tuple(k.shape)} and {tuple(v.shape)}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"{_OP}: k/v heads ({Hkv}) must divide q heads ({H}) (GQA/MQA)")
+    if k.shape[3] != D:
+        raise ValueError(f"{_OP}: q and k head dims differ: {D} and {k.shape[3]}")
+    for name, d in (("q/k", D), ("v", v.shape[3])):
+        if not 1 <= d <= _MAX_HEAD_DIM:
+            raise ValueError(f"{_OP}: {name} head dim must be in [1, {_MAX_HEAD_DIM}], got {d}")
+    Nk = k.shape[2]
+    if pattern is not None:
+        if not isinstance(pattern, (Local1d, Local2d)):
+            raise TypeError(f"{_OP}: pattern must be Local1d, Local2d or None, got {type(pattern).__name__}")
+        pattern.check(Nq, Nk)
+    if key_lengths is not None:
+        if not isinstance(key_lengths, Tensor) or key_lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{_OP}: key_lengths must be an int32/int64 tensor of shape ({B},)")
+        if key_lengths.shape != (B,):
+            raise ValueError(f"{_OP}: key_lengths must have shape ({B},), got {tuple(key_lengths.shape)}")
+        if key_lengths.numel() and (int(key_lengths.min()) < 0 or int(key_lengths.max()) > Nk):
+            raise ValueError(f"{_OP}: key_lengths must be in [0, {Nk}], got values in "
+                             f"[{int(key_lengths.min())}, {int(key_lengths.max())}]")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"{_OP}: attn_mask must be a tensor, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool:
+            float_code(attn_mask, "attn_mask", _OP)
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (B, H, Nq, Nk))
+            ok = attn_mask.dim() <= 4
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{_OP}: attn_mask of shape {tuple(attn_mask.shape)} does not "
+                             f"broadcast to (B, H, Nq, Nk) = {(B, H, Nq, Nk)}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"{_OP}: attn_mask is on {attn_mask.device}, q on {q.device}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"{_OP}: scale must be a float or None, got {type(scale).__name__}")
+
+
+def attention_op(q: Tensor, k: Tensor, v: Tensor, *, causal_offset: Optional[int] = None,
+                 key_lengths: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                 pattern=None, scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    """attention() with the causal alignment spelled out: query i sees keys j <= i +
+    causal_offset (None: no causal mask). Returns (out, lse)."""
+    _check(q, k, v, key_lengths, attn_mask, pattern, scale)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(B, H, Nq, Nk)  # stride-0 views: no copy
+    if key_lengths is not None:
+        key_lengths = key_lengths.to(torch.int64).contiguous()
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    offset = _NO_CAUSAL if causal_offset is None else int(causal_offset)
+    return torch.ops.imgtx.attention_forward(q, k, v, key_lengths, attn_mask, pattern_args(pattern),
+                                             offset, scale)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+              key_lengths: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+              pattern=None, scale: Optional[float] = None, return_lse: bool = False):
+    """softmax(scale * q k^T + mask) v, fused; q (B, H, Nq, D), k/v (B, Hkv, Nk, D[v]).
+
+    causal:      query i sees keys j <= i + Nk - Nq (bottom-right aligned: with a KV cache the
+                 queries are the newest positions).
+    key_lengths: (B,) ints; keys j >= key_lengths[b] are padding and never seen.
+    attn_mask:   bool (True = visible) or additive float, broadcastable to (B, H, Nq, Nk).
+    pattern:     Local1d / Local2d (Image Transformer local attention), block-sparse.
+    A query that sees no key outputs zeros (its lse is reference.LSE_EMPTY).
+    """
+    if not isinstance(causal, bool):
+        raise TypeError(f"{_OP}: causal must be a bool, got {type(causal).__name__}")
+    if causal and pattern is not None:
+        raise ValueError(f"{_OP}: a pattern carries its own causality; pass causal=False with it")
+    offset = None
+    if causal:
+        if not isinstance(k, Tensor) or not isinstance(q, Tensor) or k.dim() != 4 or q.dim() != 4:
+            _check(q, k, v, key_lengths, attn_mask, pattern, scale)
+        offset = k.shape[2] - q.shape[2]
+    out, lse = attention_op(q, k, v, causal_offset=offset, key_lengths=key_lengths,
+                            attn_mask=attn_mask, pattern=pattern, scale=scale)
+    return (out, lse) if return_lse else out
