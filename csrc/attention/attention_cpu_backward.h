@@ -139,17 +139,19 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
             std::fill(s.dvb.begin(), s.dvb.begin() + padded * dvp, 0.0f);
             packed = true;
           }
+          const int64_t count = visible_prefix(blk, sub);
+          const int64_t cpad = round_up(count, Shape<W>::kRowAlign);
           float* st = s.st.data();
           float* dpt = s.dpt.data();
-          panels_times_lanes<W>(s.kp.data(), dp, padded, s.qt.data() + i * dp * kLanes, st);
-          if (vis == Visibility::kPartial) apply_masks<W>(p, b, h, blk, sub, st);
-          panels_times_lanes<W>(s.vp.data(), dvp, padded, s.dot.data() + i * dvp * kLanes, dpt);
+          panels_times_lanes<W>(s.kp.data(), dp, cpad, s.qt.data() + i * dp * kLanes, st);
+          if (vis == Visibility::kPartial) apply_masks<W>(p, b, h, blk, count, sub, st);
+          panels_times_lanes<W>(s.vp.data(), dvp, cpad, s.dot.data() + i * dvp * kLanes, dpt);
           F lse[V], delta[V];
           for (int v = 0; v < V; ++v) {
             lse[v] = simd::load<W>(s.lse.data() + i * kLanes + v * W);
             delta[v] = simd::load<W>(s.delta.data() + i * kLanes + v * W);
           }
-          for (int64_t j = 0; j < blk.count; ++j)
+          for (int64_t j = 0; j < count; ++j)
             for (int v = 0; v < V; ++v) {
               float* sp = st + j * kLanes + v * W;
               float* dq = dpt + j * kLanes + v * W;
@@ -157,13 +159,13 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
               simd::store<W>(sp, pr);
               simd::store<W>(dq, pr * (simd::load<W>(dq) - delta[v]));  // dS^T
             }
-          for (int64_t j = blk.count; j < padded; ++j)  // padding keys contribute nothing
+          for (int64_t j = count; j < cpad; ++j)  // padding keys contribute nothing
             for (int l = 0; l < kLanes; ++l) st[j * kLanes + l] = dpt[j * kLanes + l] = 0.0f;
           rows_times_matrix<W, 1, kLanes, true>(kLanes, st, s.dor.data() + i * kLanes * dvp,
-                                                dvp, s.dvb.data(), dvp, dvp, int(padded));
+                                                dvp, s.dvb.data(), dvp, dvp, int(cpad));
           rows_times_matrix<W, 1, kLanes, true>(kLanes, dpt, s.qs.data() + i * kLanes * dp, dp,
-                                                s.dkb.data(), dp, dp, int(padded));
-          rows_times_matrix<W, kLanes, 1, true>(blk.count, dpt, krows, ldk,
+                                                s.dkb.data(), dp, dp, int(cpad));
+          rows_times_matrix<W, kLanes, 1, true>(count, dpt, krows, ldk,
                                                 s.dq.data() + i * kLanes * dp, dp, dp, kLanes);
         }
         if (!packed) continue;

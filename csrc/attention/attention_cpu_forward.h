@@ -7,6 +7,7 @@
 // the tile's packed queries and fp32 accumulators plus one key block.
 #pragma once
 
+#include "attention/attention_cpu_decode.h"
 #include "attention/attention_cpu_tile.h"
 #include "common/thread_pool.h"
 
@@ -61,6 +62,7 @@ bool softmax_block(float* st, int64_t count, float* m, float* l, float* alpha) {
 
 template <int W>
 void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
+  if (p.q_len <= kDecodeMaxQueries) return attention_decode_driver<W>(p, num_threads);
   constexpr int P = Shape<W>::kPanel;
   const int64_t D = p.head_dim, Dv = p.v_dim;
   const int64_t dp = round_up(D, W), dvp = round_up(Dv, W);
@@ -126,11 +128,12 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
           vrows = rows_fp32(p.v, b, g, blk, Dv, dvp, s.vbuf.data(), ldv);
           packed = true;
         }
+        const int64_t count = visible_prefix(blk, sub);
         float* st = s.st.data();
-        panels_times_lanes<W>(s.kp.data(), dp, padded, s.qt.data() + i * dp * kLanes, st);
-        if (vis == Visibility::kPartial) apply_masks<W>(p, b, h, blk, sub, st);
+        panels_times_lanes<W>(s.kp.data(), dp, round_up(count, P), s.qt.data() + i * dp * kLanes, st);
+        if (vis == Visibility::kPartial) apply_masks<W>(p, b, h, blk, count, sub, st);
         float* o = s.o.data() + i * kLanes * dvp;
-        if (softmax_block<W>(st, blk.count, s.m.data() + i * kLanes, s.l.data() + i * kLanes,
+        if (softmax_block<W>(st, count, s.m.data() + i * kLanes, s.l.data() + i * kLanes,
                              s.alpha.data())) {
           for (int lane = 0; lane < kLanes; ++lane) {
             const float a = s.alpha[size_t(lane)];
@@ -138,7 +141,7 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
             for (int64_t d = 0; d < dvp; ++d) orow[d] *= a;
           }
         }
-        rows_times_matrix<W, kLanes, 1, true>(blk.count, st, vrows, ldv, o, dvp, dvp, kLanes);
+        rows_times_matrix<W, kLanes, 1, true>(count, st, vrows, ldv, o, dvp, dvp, kLanes);
       }
     }
 

@@ -134,10 +134,19 @@ inline Visibility classify(const KeyBlock& blk, const Subtile& s, bool has_mask)
   return Visibility::kAll;
 }
 
+// How many of the block's keys the subtile must visit: trailing keys no lane can see (causal
+// positions beyond the subtile's last query, e.g. the diagonal block) are cut off.
+inline int64_t visible_prefix(const KeyBlock& blk, const Subtile& s) {
+  int64_t n = blk.count;
+  if (blk.kpos_max <= s.qmax) return n;
+  while (n > 0 && blk.kpos[size_t(n - 1)] > s.qmax) --n;
+  return n;
+}
+
 // st[t][lane] = -inf where key t is invisible to the lane's query (causal rule), then the
 // mask (bool: -inf where false; additive: added) for every real lane.
 template <int W>
-void apply_masks(const AttnParams& p, int64_t b, int64_t h, const KeyBlock& blk,
+void apply_masks(const AttnParams& p, int64_t b, int64_t h, const KeyBlock& blk, int64_t count,
                  const Subtile& s, float* st) {
   typedef typename simd::Vec<W>::F F;
   typedef typename simd::Vec<W>::I I;
@@ -145,7 +154,7 @@ void apply_masks(const AttnParams& p, int64_t b, int64_t h, const KeyBlock& blk,
   if (blk.kpos_max > s.qmin) {
     I q[kLanes / W];
     for (int v = 0; v < kLanes / W; ++v) std::memcpy(&q[v], s.qpos + v * W, sizeof(I));
-    for (int64_t t = 0; t < blk.count; ++t) {
+    for (int64_t t = 0; t < count; ++t) {
       const int32_t kp = blk.kpos[size_t(t)];
       if (kp <= s.qmin) continue;
       for (int v = 0; v < kLanes / W; ++v) {
@@ -163,10 +172,10 @@ void apply_masks(const AttnParams& p, int64_t b, int64_t h, const KeyBlock& blk,
                        (b * m.stride_batch + h * m.stride_head + s.row[l] * m.stride_q) * esize;
     if (m.kind == AttnMaskKind::kBool) {
       const uint8_t* mb = reinterpret_cast<const uint8_t*>(base);
-      for (int64_t t = 0; t < blk.count; ++t)
+      for (int64_t t = 0; t < count; ++t)
         if (!mb[blk.row[size_t(t)] * m.stride_k]) st[t * kLanes + l] = ninf;
     } else {
-      for (int64_t t = 0; t < blk.count; ++t) {
+      for (int64_t t = 0; t < count; ++t) {
         float add;
         load_strided_as_float(base, blk.row[size_t(t)] * m.stride_k, 1, 1, m.dtype, &add);
         st[t * kLanes + l] += add;

@@ -67,18 +67,48 @@ def _dense_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _reference_forward(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale):
+def _reference_mask(q, k, attn_mask, causal_offset):
+    """attn_mask with the causal rule folded in (the reference takes no offset)."""
+    if causal_offset == _NO_CAUSAL:
+        return attn_mask
     Nq, Nk = q.shape[2], k.shape[2]
-    mask = attn_mask
-    if causal_offset != _NO_CAUSAL:
-        i = torch.arange(Nq, device=q.device)[:, None] + causal_offset
-        causal = torch.arange(Nk, device=q.device)[None, :] <= i
-        mask = causal if mask is None else (
-            mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, -math.inf))
+    i = torch.arange(Nq, device=q.device)[:, None] + causal_offset
+    causal = torch.arange(Nk, device=q.device)[None, :] <= i
+    if attn_mask is None:
+        return causal
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal
+    return attn_mask.masked_fill(~causal, -math.inf)
+
+
+def _reference_forward(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale):
     out, lse = _reference.attention(q.float(), k.float(), v.float(), key_lengths=key_lengths,
-                                    attn_mask=mask, pattern=pattern_from_args(pattern),
-                                    scale=scale, return_lse=True)
+                                    attn_mask=_reference_mask(q, k, attn_mask, causal_offset),
+                                    pattern=pattern_from_args(pattern), scale=scale,
+                                    return_lse=True)
     return out.to(q.dtype), lse.float()
+
+
+def _reference_backward(grad_out, q, k, v, out, lse, key_lengths, attn_mask, pattern,
+                        causal_offset, scale):
+    """The backward formulas in fp32 torch ops (custom ops run with autograd off)."""
+    group = q.shape[1] // k.shape[1]
+    qf, dof, of = q.float(), grad_out.float(), out.float()
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    p, _ = _reference.attention(qf, kf, vf, key_lengths=key_lengths,
+                                attn_mask=_reference_mask(q, k, attn_mask, causal_offset),
+                                pattern=pattern_from_args(pattern), scale=scale,
+                                return_lse=True, return_probs=True)
+    dv = p.transpose(-1, -2) @ dof
+    dp = dof @ vf.transpose(-1, -2)
+    ds = p * (dp - (dof * of).sum(-1, keepdim=True))
+    dq = scale * ds @ kf
+    dk = scale * ds.transpose(-1, -2) @ qf
+    B, Hkv = k.shape[:2]
+    dk = dk.reshape(B, Hkv, group, *dk.shape[2:]).sum(2)
+    dv = dv.reshape(B, Hkv, group, *dv.shape[2:]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @torch.library.custom_op("imgtx::attention_forward", mutates_args=())
@@ -116,10 +146,8 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
                        pattern: List[int], causal_offset: int,
                        scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     if q.device.type != "cpu":
-        with torch.enable_grad():
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            o, _ = _reference_forward(qq, kk, vv, key_lengths, attn_mask, pattern, causal_offset, scale)
-            return torch.autograd.grad(o, (qq, kk, vv), grad_out)
+        return _reference_backward(grad_out, q, k, v, out, lse, key_lengths, attn_mask, pattern,
+                                   causal_offset, scale)
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = v.shape[1], v.shape[2], v.shape[3]
     q, k, v, out = _dense_last(q), _dense_last(k), _dense_last(v), _dense_last(out)

@@ -49,8 +49,10 @@ def visible_mask(q_len: int, k_len: int, *, causal: bool = False, pattern=None,
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               key_lengths: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
-              pattern=None, scale: Optional[float] = None, return_lse: bool = False):
-    """q (B, H, Nq, D), k/v (B, Hkv, Nk, D) with Hkv dividing H; computed in q's dtype."""
+              pattern=None, scale: Optional[float] = None, return_lse: bool = False,
+              return_probs: bool = False):
+    """q (B, H, Nq, D), k/v (B, Hkv, Nk, D) with Hkv dividing H; computed in q's dtype.
+    return_probs=True returns the (B, H, Nq, Nk) probabilities in place of the output."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     if H != Hkv:
@@ -74,7 +76,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     m = torch.where(empty, torch.zeros_like(m), m)
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)
-    out = torch.matmul(e / torch.where(empty, torch.ones_like(l), l), v.to(q.dtype))
+    probs = torch.where(empty, torch.zeros_like(e), e / torch.where(empty, torch.ones_like(l), l))
+    out = probs if return_probs else torch.matmul(probs, v.to(q.dtype))
     out = torch.where(empty, torch.zeros_like(out), out)
     if not return_lse:
         return out
