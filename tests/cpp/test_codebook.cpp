@@ -15,6 +15,7 @@
 #include "imgtx/codebook.h"
 
 void run_diffusion_tests();  // test_diffusion.cpp
+void run_attention_tests();  // test_attention.cpp
 
 namespace {
 
@@ -155,6 +156,7 @@ int main() {
   }
   test_bad_arguments();
   run_diffusion_tests();
+  run_attention_tests();
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed ? 1 : 0;
 }
