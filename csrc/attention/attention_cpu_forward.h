@@ -79,11 +79,13 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
     attn::QueryTile tile;
     KeyBlock blk;
     std::vector<Subtile> sub;
+    std::vector<bool> visited;  // per subtile: has O been written by a block yet
     std::vector<float> qt, o, m, l, alpha, kp, vbuf, st, tmp, row;
   };
   std::vector<Scratch> scratch(static_cast<size_t>(workers));
   for (auto& s : scratch) {
     s.sub.resize(size_t(max_sub));
+    s.visited.resize(size_t(max_sub));
     s.qt.assign(size_t(max_sub * dp * kLanes), 0.0f);
     s.o.assign(size_t(max_sub * kLanes * dvp), 0.0f);
     s.m.resize(size_t(max_sub * kLanes));
@@ -108,7 +110,7 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
       pack_transposed(p.q, b, h, s.sub[size_t(i)], D, dp, p.scale,
                       s.qt.data() + i * dp * kLanes, s.tmp.data());
     }
-    std::fill(s.o.begin(), s.o.begin() + nsub * kLanes * dvp, 0.0f);
+    std::fill(s.visited.begin(), s.visited.end(), false);
     std::fill(s.m.begin(), s.m.begin() + nsub * kLanes, -std::numeric_limits<float>::infinity());
     std::fill(s.l.begin(), s.l.begin() + nsub * kLanes, 0.0f);
 
@@ -133,8 +135,14 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
         panels_times_lanes<W>(s.kp.data(), dp, round_up(count, P), s.qt.data() + i * dp * kLanes, st);
         if (vis == Visibility::kPartial) apply_masks<W>(p, b, h, blk, count, sub, st);
         float* o = s.o.data() + i * kLanes * dvp;
-        if (softmax_block<W>(st, count, s.m.data() + i * kLanes, s.l.data() + i * kLanes,
-                             s.alpha.data())) {
+        const bool rescale = softmax_block<W>(st, count, s.m.data() + i * kLanes,
+                                              s.l.data() + i * kLanes, s.alpha.data());
+        if (!s.visited[size_t(i)]) {  // first block: O = P V, nothing to rescale or zero
+          s.visited[size_t(i)] = true;
+          rows_times_matrix<W, kLanes, 1, false>(count, st, vrows, ldv, o, dvp, dvp, kLanes);
+          continue;
+        }
+        if (rescale) {
           for (int lane = 0; lane < kLanes; ++lane) {
             const float a = s.alpha[size_t(lane)];
             float* orow = o + lane * dvp;
@@ -148,14 +156,22 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
     for (int64_t i = 0; i < nsub; ++i) {
       const Subtile& sub = s.sub[size_t(i)];
       const float* o = s.o.data() + i * kLanes * dvp;
+      const bool visited = s.visited[size_t(i)];
       for (int lane = 0; lane < sub.count; ++lane) {
         const int64_t row = sub.row[lane];
         const float l = s.l[size_t(i * kLanes + lane)];
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        for (int64_t d = 0; d < Dv; ++d) s.row[size_t(d)] = o[lane * dvp + d] * inv;
-        store_rounded_as_dtype(p.out.data,
-                               b * p.out.stride_batch + h * p.out.stride_head + row * p.out.stride_row,
-                               s.row.data(), Dv, p.out.dtype);
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // no visible key: zeros
+        const int64_t offset = b * p.out.stride_batch + h * p.out.stride_head + row * p.out.stride_row;
+        float* dst = p.out.dtype == DType::kFloat32 ? static_cast<float*>(p.out.data) + offset
+                                                    : s.row.data();
+        const float* src = o + lane * dvp;
+        if (visited) {
+          for (int64_t d = 0; d < Dv; ++d) dst[d] = src[d] * inv;
+        } else {
+          std::fill(dst, dst + Dv, 0.0f);
+        }
+        if (p.out.dtype != DType::kFloat32)
+          store_rounded_as_dtype(p.out.data, offset, s.row.data(), Dv, p.out.dtype);
         if (p.lse) {
           const float m = s.m[size_t(i * kLanes + lane)];
           p.lse[(b * p.heads + h) * p.q_len + row] =

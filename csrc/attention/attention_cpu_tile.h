@@ -191,8 +191,12 @@ void pack_panels(const AttnTensor& t, int64_t b, int64_t h, const KeyBlock& blk,
   for (int64_t j = 0; j < padded_count; ++j) {
     float* panel = kp + (j / P) * dp * P + j % P;
     if (j < blk.count) {
-      load_row(t, b, h, blk.row[size_t(j)], dim, dp, tmp);
-      for (int64_t d = 0; d < dp; ++d) panel[d * P] = tmp[d];
+      const float* src = tmp;
+      if (t.dtype == DType::kFloat32 && dim == dp)
+        src = reinterpret_cast<const float*>(row_ptr(t, b, h, blk.row[size_t(j)]));
+      else
+        load_row(t, b, h, blk.row[size_t(j)], dim, dp, tmp);
+      for (int64_t d = 0; d < dp; ++d) panel[d * P] = src[d];
     } else {
       for (int64_t d = 0; d < dp; ++d) panel[d * P] = 0.0f;
     }
@@ -218,8 +222,12 @@ inline void pack_transposed(const AttnTensor& t, int64_t b, int64_t h, const Sub
                             int64_t dim, int64_t dp, float scale, float* qt, float* tmp) {
   for (int l = 0; l < kLanes; ++l) {
     if (l < s.count) {
-      load_row(t, b, h, s.row[l], dim, dp, tmp);
-      for (int64_t d = 0; d < dp; ++d) qt[d * kLanes + l] = scale * tmp[d];
+      const float* src = tmp;
+      if (t.dtype == DType::kFloat32 && dim == dp)
+        src = reinterpret_cast<const float*>(row_ptr(t, b, h, s.row[l]));
+      else
+        load_row(t, b, h, s.row[l], dim, dp, tmp);
+      for (int64_t d = 0; d < dp; ++d) qt[d * kLanes + l] = scale * src[d];
     } else {
       for (int64_t d = 0; d < dp; ++d) qt[d * kLanes + l] = 0.0f;
     }
