@@ -11,8 +11,15 @@ that pass. The samples are not bit-identical to diffusers' (different random str
 sampling method), only identically distributed; the same generator seed reproduces ours.
 
 `FastVQDiffusionPipeline` needs `transformers` too, as diffusers' VQDiffusionPipeline does.
+
+`FusedAttnProcessor` runs diffusers' `Attention` modules (UNets, Transformer2DModel, the
+VQ-Diffusion transformer, ...) on imgtx_fast's fused attention op:
+
+    model.set_attn_processor(FusedAttnProcessor())   # models that have set_attn_processor
+    use_fused_attention(model)                         # any model (e.g. Transformer2DModel)
 """
 import operator
+import weakref
 from typing import Callable, List, Optional, Union
 
 import torch
@@ -28,6 +35,8 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
         "pip install imgtx_fast[diffusers]") from _e
 
 from ..diffusion import MaskAndReplaceSchedule, posterior_sample
+from ..nn._masks import key_lengths_from_mask
+from ..ops.attention import attention_op
 
 # The pipeline class imports transformers (CLIP); the scheduler does not need it.
 _VQDiffusionPipeline = None
@@ -40,7 +49,8 @@ for _path in ("diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion
     except ImportError as _e:  # transformers missing, or another diffusers layout
         _PIPELINE_IMPORT_ERROR = _PIPELINE_IMPORT_ERROR or _e
 
-__all__ = ["FastVQDiffusionScheduler", "fast_pipeline", "use_fast_scheduler"]
+__all__ = ["FastVQDiffusionScheduler", "FusedAttnProcessor", "fast_pipeline", "use_fast_scheduler",
+           "use_fused_attention"]
 if _VQDiffusionPipeline is not None:
     __all__.append("FastVQDiffusionPipeline")
 
@@ -247,3 +257,124 @@ else:  # pragma: no cover - depends on the environment
         if name == "FastVQDiffusionPipeline":
             raise _missing_pipeline()
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class FusedAttnProcessor:
+    """Attention processor for diffusers' `Attention` on imgtx_fast's fused attention op.
+
+    Why: diffusers' default `AttnProcessor2_0` calls torch SDPA with the padded-text mask as a
+    dense additive (B, heads, Nq, Nk) tensor; the fused op skips padded keys given their count.
+    Everything else is `AttnProcessor2_0` step for step: spatial_norm, 4-D (B, C, H, W) input,
+    `attn.prepare_attention_mask`, group_norm, norm_cross, norm_q/norm_k, to_out,
+    residual_connection, rescale_output_factor.
+
+    Two deliberate differences:
+    - the logits are scaled by `attn.scale`. AttnProcessor2_0 leaves SDPA's 1/sqrt(head_dim),
+      which equals attn.scale wherever diffusers makes it the default (scale_qk=True); with
+      scale_qk=False diffusers' default is `AttnProcessor`, whose attn.scale (1.0) we follow.
+    - mask_to_lengths=True: an attention mask that hides a suffix of the keys, the same for every
+      head and query (diffusers' `(1 - mask) * -10000.0` encoder bias for padded prompts, or a
+      bool mask), is passed as key_lengths (see imgtx_fast.nn._masks). That check reads one
+      bool from the device; it is remembered for the same mask tensor (same object, unmodified),
+      so a model's layers share it. Pass mask_to_lengths=False to always pass the mask (e.g.
+      under torch.compile or CUDA-graph capture).
+    """
+
+    def __init__(self, mask_to_lengths: bool = True):
+        self.mask_to_lengths = mask_to_lengths
+        self._memo = None  # (weakref to the mask passed in, key, key_lengths or None)
+
+    def _key_lengths(self, raw: torch.Tensor, mask: torch.Tensor, key) -> Optional[torch.Tensor]:
+        try:
+            key = key + (raw._version,)
+        except RuntimeError:  # inference tensors have no version counter
+            return key_lengths_from_mask(mask)
+        memo = self._memo
+        if memo is not None and memo[0]() is raw and memo[1] == key:
+            return memo[2]
+        lengths = key_lengths_from_mask(mask)
+        self._memo = (weakref.ref(raw), key, lengths)
+        return lengths
+
+    def __call__(self, attn, hidden_states: torch.Tensor,
+                 encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None,
+                 temb: Optional[torch.Tensor] = None, *args, **kwargs) -> torch.Tensor:
+        if len(args) > 0 or kwargs.get("scale", None) is not None:
+            from diffusers.utils import deprecate
+            deprecate("scale", "1.0.0", "The `scale` argument is deprecated and will be ignored. "
+                      "Please remove it, as passing it will raise an error in the future. `scale` "
+                      "should directly be passed while calling the underlying pipeline component "
+                      "i.e., via `cross_attention_kwargs`.")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+
+        key_lengths = None
+        if attention_mask is not None:
+            raw = attention_mask
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            if self.mask_to_lengths:
+                key_lengths = self._key_lengths(
+                    raw, attention_mask, (tuple(raw.shape), raw.dtype, raw.device, raw.data_ptr(),
+                                          sequence_length, batch_size, attn.heads))
+                if key_lengths is not None:
+                    attention_mask = None
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # (B, heads, N, head_dim), laid out (B, N, heads, head_dim): the reshape below is free
+        hidden_states, _ = attention_op(query, key, value, key_lengths=key_lengths,
+                                        attn_mask=attention_mask, scale=attn.scale)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)  # linear proj
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+
+def use_fused_attention(model, mask_to_lengths: bool = True):
+    """Give every diffusers `Attention` module in `model` one shared FusedAttnProcessor (so its
+    layers share the padded-prompt check); returns model. For models without
+    `set_attn_processor` (Transformer2DModel, VQ-Diffusion's transformer, ...)."""
+    from diffusers.models.attention_processor import Attention
+
+    processor = FusedAttnProcessor(mask_to_lengths=mask_to_lengths)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.set_processor(processor)
+    return model

@@ -239,7 +239,10 @@ def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
                              f"broadcast to (B, H, Nq, Nk) = {(B, H, Nq, Nk)}")
         if attn_mask.device != q.device:
             raise ValueError(f"{_OP}: attn_mask is on {attn_mask.device}, q on {q.device}")
-    if scale is not None and not isinstance(scale, (int, float)):
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{_OP}: attn_mask requires grad, and the fused kernel has no "
+                             "gradient for masks (use torch's scaled_dot_product_attention)")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"{_OP}: scale must be a float or None, got {type(scale).__name__}")
 
 

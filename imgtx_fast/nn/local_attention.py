@@ -1,0 +1,245 @@
+"""Image Transformer local attention layers (1D and 2D) with a KV cache for sampling.
+
+Why: Image Transformer attends within a local window (../shared/specs/local_attention.md), so
+each position sees a few hundred keys however large the image. These layers are the
+projections around one call of `imgtx_fast.attention(pattern=...)`, which visits only the key
+tiles of the window, never a dense (N, N) mask.
+
+Sampling generates one position (or a chunk) at a time: `forward(x, cache)` stores the new
+keys/values in a `KVCache` and attends from the new positions only; step-by-step (or chunked)
+outputs equal those of one full-sequence forward.
+- 1D: positions come in raster order; the pattern places the Nq new queries at the last Nq of
+  the Nk cached keys.
+- 2D: positions come in Image Transformer's generation order -- query tiles in raster order of
+  tiles, pixels in raster order within a tile (`LocalAttention2d.generation_order`). Masked
+  local 2D is causal in that order only: a pixel sees the flange left of its tile on all the
+  tile's rows, i.e. raster positions after its own. The cache holds keys at their raster
+  positions; each new query attends (bottom-right causal) to its tile's memory (top and left
+  flanges, inside the image) followed by its tile's pixels generated so far -- exactly the keys
+  the pattern shows it.
+
+Inputs are (B, N, embed_dim) in raster order. The layers do not shift their input: Image
+Transformer's model right-shifts the image (within each query tile, for 2D) before attention.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..ops.attention import attention
+from ..patterns import Local1d, Local2d
+
+__all__ = ["KVCache", "LocalAttention1d", "LocalAttention2d"]
+
+
+class KVCache:
+    """Keys and values (B, heads, length, head_dim) an attention layer has seen; one per layer.
+
+    max_length: preallocate that many positions on the first append (no copy per step; a
+    longer sequence is an error); None: start with the first chunk's size and double when full.
+    `length` is the number of positions stored; `reset()` empties the cache for a new sample.
+    1D layers `append` in sequence order; 2D layers `scatter` into height*width raster slots.
+    """
+
+    def __init__(self, max_length: Optional[int] = None):
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length <= 0):
+            raise ValueError(f"KVCache: max_length must be a positive int or None, got {max_length!r}")
+        self.max_length = max_length
+        self.k: Optional[Tensor] = None
+        self.v: Optional[Tensor] = None
+        self.length = 0
+
+    def __repr__(self) -> str:
+        capacity = 0 if self.k is None else self.k.shape[2]
+        return f"KVCache(length={self.length}, capacity={capacity}, max_length={self.max_length})"
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def _check(self, k: Tensor, v: Tensor) -> None:
+        if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"KVCache: k and v must be (B, heads, n, head_dim) with the same "
+                             f"(B, heads, n), got {tuple(k.shape)} and {tuple(v.shape)}")
+        end = self.length + k.shape[2]
+        if self.max_length is not None and end > self.max_length:
+            raise ValueError(f"KVCache: {end} positions exceed max_length={self.max_length}")
+        if self.k is not None and (k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]
+                                   or v.shape[3] != self.v.shape[3] or k.dtype != self.k.dtype
+                                   or k.device != self.k.device):
+            raise ValueError(f"KVCache: new keys {tuple(k.shape)} {k.dtype} on {k.device} do "
+                             f"not match the cache's {tuple(self.k.shape)} {self.k.dtype} on "
+                             f"{self.k.device}; call reset() or use a new cache")
+
+    def scatter(self, k: Tensor, v: Tensor, index: Tensor, size: int) -> None:
+        """Store k, v (B, heads, n, head_dim) at slots `index` (n,) of a `size`-slot buffer
+        (zero-filled on first use) and count n more positions."""
+        self._check(k, v)
+        if self.max_length is not None and self.max_length < size:
+            raise ValueError(f"KVCache: this layer needs {size} slots, max_length={self.max_length}")
+        if self.k is None or self.k.shape[2] != size:
+            if self.length:
+                raise ValueError(f"KVCache: holds {self.length} positions of another layer kind")
+            self.k = k.new_zeros(k.shape[:2] + (size, k.shape[3]))
+            self.v = v.new_zeros(v.shape[:2] + (size, v.shape[3]))
+        self.k[:, :, index] = k
+        self.v[:, :, index] = v
+        self.length += k.shape[2]
+
+    def append(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        """Store k, v (B, heads, n, head_dim) after the cached positions; return views of all
+        cached keys and values, (B, heads, length, head_dim)."""
+        self._check(k, v)
+        end = self.length + k.shape[2]
+        capacity = 0 if self.k is None else self.k.shape[2]
+        if end > capacity:
+            new = self.max_length if self.max_length is not None else max(end, 2 * capacity)
+            grown_k = k.new_empty(k.shape[:2] + (new, k.shape[3]))
+            grown_v = v.new_empty(v.shape[:2] + (new, v.shape[3]))
+            if self.length:
+                grown_k[:, :, :self.length] = self.k[:, :, :self.length]
+                grown_v[:, :, :self.length] = self.v[:, :, :self.length]
+            self.k, self.v = grown_k, grown_v
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class _LocalAttention(nn.Module):
+    """qkv projection -> imgtx_fast.attention(pattern=self.pattern) -> output projection."""
+
+    pattern = None  # set by the subclasses
+
+    def __init__(self, embed_dim: int, num_heads: int, bias: bool, device, dtype):
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"{type(self).__name__}: embed_dim ({embed_dim}) must be a positive "
+                             f"multiple of num_heads ({num_heads})")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        factory = dict(device=device, dtype=dtype)
+        self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+
+    def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        """x (B, n, embed_dim) -> (B, n, embed_dim).
+
+        Without a cache, x is the whole sequence. With one (causal patterns only), x holds the
+        next n positions: their keys/values are appended to the cache, and they attend to every
+        cached position their pattern shows them.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"{type(self).__name__}: x must be (B, n, {self.embed_dim}), got "
+                             f"{tuple(x.shape)}")
+        B, n, E = x.shape
+        q, k, v = self.qkv_proj(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, n, hd) views
+        if cache is None:
+            out = attention(q, k, v, pattern=self.pattern)  # laid out (B, n, H, hd)
+        elif not self.pattern.causal:
+            raise ValueError(f"{type(self).__name__}: a KV cache needs a causal pattern")
+        else:
+            out = self._decode(q, k, v, cache)
+        return self.out_proj(out.transpose(1, 2).reshape(B, n, E))
+
+    def _decode(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, pattern={self.pattern}, "
+                f"bias={self.qkv_proj.bias is not None}")
+
+
+class LocalAttention1d(_LocalAttention):
+    """Multi-head Image Transformer local 1D attention (imgtx_fast.Local1d).
+
+    causal=True: position i sees positions floor(i / block) * block - block .. i.
+    causal=False: block b sees [b * block - filter_width, (b + 1) * block + filter_width).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, block: int = 256, causal: bool = True,
+                 filter_width: int = 0, bias: bool = True, device=None, dtype=None):
+        super().__init__(embed_dim, num_heads, bias, device, dtype)
+        self.pattern = Local1d(block=block, causal=causal, filter_width=filter_width)
+
+    def _decode(self, q, k, v, cache):
+        n = q.shape[2]
+        self.pattern.check(n, cache.length + n)  # before the cache changes
+        k, v = cache.append(k, v)
+        return attention(q, k, v, pattern=self.pattern)
+
+
+class LocalAttention2d(_LocalAttention):
+    """Multi-head Image Transformer local 2D attention (imgtx_fast.Local2d) on a height x width
+    image: query tiles of query_shape, memory flange memory_flange.
+
+    forward(x) takes the image in raster order; forward(x, cache) takes the next positions in
+    generation order (`generation_order`: x_raster[:, generation_order] is the sequence to
+    feed), see the module docstring.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, height: int, width: int,
+                 query_shape=(8, 16), memory_flange=(8, 16), causal: bool = True,
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__(embed_dim, num_heads, bias, device, dtype)
+        self.pattern = Local2d(height, width, query_shape, memory_flange, causal)
+        self._plans: Dict[torch.device, "_TilePlan"] = {}
+
+    @property
+    def generation_order(self) -> Tensor:
+        """(height * width,) raster position of each generation step (tiles in raster order,
+        raster order within a tile)."""
+        return self._plan(torch.device("cpu")).order.clone()
+
+    def _plan(self, device) -> "_TilePlan":
+        plan = self._plans.get(device)
+        if plan is None:
+            plan = self._plans[device] = _TilePlan(self.pattern, device)
+        return plan
+
+    def _decode(self, q, k, v, cache):
+        n, size = q.shape[2], self.pattern.height * self.pattern.width
+        start = cache.length
+        if start + n > size:
+            raise ValueError(f"LocalAttention2d: {start + n} positions do not fit a "
+                             f"{self.pattern.height}x{self.pattern.width} image")
+        plan = self._plan(q.device)
+        cache.scatter(k, v, plan.order[start:start + n], size)
+        outs, g = [], start
+        while g < start + n:  # one fused call per tile the chunk touches
+            tile, within = plan.tile_of[g]
+            take = min(start + n - g, len(plan.pixels[tile]) - within)
+            keys = torch.cat([plan.memory[tile], plan.pixels[tile][:within + take]])
+            outs.append(attention(q[:, :, g - start:g - start + take],
+                                  cache.k.index_select(2, keys), cache.v.index_select(2, keys),
+                                  causal=True))
+            g += take
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+
+class _TilePlan:
+    """Raster indices for 2D decoding: the generation order, and per query tile its memory (top
+    and left flanges inside the image) and its pixels in generation order."""
+
+    def __init__(self, pattern: Local2d, device):
+        H, W = pattern.height, pattern.width
+        (qh, qw), (fh, fw) = pattern.query_shape, pattern.memory_flange
+        order: List[int] = []
+        self.memory: List[Tensor] = []
+        self.pixels: List[Tensor] = []
+        self.tile_of: List[Tuple[int, int]] = []
+        for r0 in range(0, H, qh):
+            for c0 in range(0, W, qw):
+                rows, cols = range(r0, min(r0 + qh, H)), range(c0, min(c0 + qw, W))
+                pixels = [r * W + c for r in rows for c in cols]
+                top = [r * W + c for r in range(max(r0 - fh, 0), r0)
+                       for c in range(max(c0 - fw, 0), min(c0 + qw + fw, W))]
+                left = [r * W + c for r in rows for c in range(max(c0 - fw, 0), c0)]
+                tile = len(self.pixels)
+                self.tile_of.extend((tile, i) for i in range(len(pixels)))
+                order.extend(pixels)
+                self.memory.append(torch.tensor(top + left, dtype=torch.long, device=device))
+                self.pixels.append(torch.tensor(pixels, dtype=torch.long, device=device))
+        self.order = torch.tensor(order, dtype=torch.long, device=device)
