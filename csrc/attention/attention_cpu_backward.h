@@ -42,7 +42,7 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
     attn::QueryTile tile;
     KeyBlock blk;
     std::vector<Subtile> sub;
-    std::vector<float> qt, qs, dot, dor, dq, lse, delta, kp, kr, vp, st, dpt, dkb, dvb, tmp, row,
+    std::vector<float> qrows, qt, qs, dot, dor, dq, lse, delta, kp, kr, vp, st, dpt, dkb, dvb, tmp, row,
         acc;
   };
   std::vector<Scratch> scratch(static_cast<size_t>(workers));
@@ -63,6 +63,7 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
     s.dkb.assign(size_t(bk_pad * dp), 0.0f);
     s.dvb.assign(size_t(bk_pad * dvp), 0.0f);
     s.tmp.resize(size_t(std::max(dp, dvp)));
+    s.qrows.resize(size_t(kLanes * std::max(dp, dvp)));
     s.row.resize(size_t(std::max(dp, dvp)));
     if (chunks == 1) s.acc.resize(size_t(Nk * acc_ld));
   }
@@ -91,10 +92,10 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
       for (int64_t i = 0; i < nsub; ++i) {
         Subtile& sub = s.sub[size_t(i)];
         make_subtile(s.tile, i * kLanes, sub);
-        pack_transposed(p.q, b, h, sub, D, dp, p.scale, s.qt.data() + i * dp * kLanes,
-                        s.tmp.data());
-        pack_transposed(p.grad_out, b, h, sub, Dv, dvp, 1.0f, s.dot.data() + i * dvp * kLanes,
-                        s.tmp.data());
+        pack_transposed<W>(p.q, b, h, sub, D, dp, p.scale, s.qt.data() + i * dp * kLanes,
+                           s.qrows.data());
+        pack_transposed<W>(p.grad_out, b, h, sub, Dv, dvp, 1.0f, s.dot.data() + i * dvp * kLanes,
+                           s.qrows.data());
         for (int lane = 0; lane < kLanes; ++lane) {
           float* qs = s.qs.data() + (i * kLanes + lane) * dp;
           float* dor = s.dor.data() + (i * kLanes + lane) * dvp;

@@ -80,7 +80,7 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
     KeyBlock blk;
     std::vector<Subtile> sub;
     std::vector<bool> visited;  // per subtile: has O been written by a block yet
-    std::vector<float> qt, o, m, l, alpha, kp, vbuf, st, tmp, row;
+    std::vector<float> qrows, qt, o, m, l, alpha, kp, vbuf, st, tmp, row;
   };
   std::vector<Scratch> scratch(static_cast<size_t>(workers));
   for (auto& s : scratch) {
@@ -95,6 +95,7 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
     s.vbuf.assign(size_t(bk * dvp), 0.0f);
     s.st.assign(size_t(round_up(bk, P) * kLanes), 0.0f);
     s.tmp.resize(size_t(std::max(dp, dvp)));
+    s.qrows.resize(size_t(kLanes * std::max(dp, dvp)));
     s.row.resize(size_t(dvp));
   }
 
@@ -107,8 +108,8 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
     const int64_t nsub = (rows + kLanes - 1) / kLanes;
     for (int64_t i = 0; i < nsub; ++i) {
       make_subtile(s.tile, i * kLanes, s.sub[size_t(i)]);
-      pack_transposed(p.q, b, h, s.sub[size_t(i)], D, dp, p.scale,
-                      s.qt.data() + i * dp * kLanes, s.tmp.data());
+      pack_transposed<W>(p.q, b, h, s.sub[size_t(i)], D, dp, p.scale,
+                      s.qt.data() + i * dp * kLanes, s.qrows.data());
     }
     std::fill(s.visited.begin(), s.visited.end(), false);
     std::fill(s.m.begin(), s.m.begin() + nsub * kLanes, -std::numeric_limits<float>::infinity());

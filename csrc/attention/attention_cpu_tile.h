@@ -217,20 +217,65 @@ inline const float* rows_fp32(const AttnTensor& t, int64_t b, int64_t h, const K
   return buf;
 }
 
-// Queries of the subtile transposed and scaled: qt[d][lane] = scale * q[row_lane][d].
-inline void pack_transposed(const AttnTensor& t, int64_t b, int64_t h, const Subtile& s,
-                            int64_t dim, int64_t dp, float scale, float* qt, float* tmp) {
-  for (int l = 0; l < kLanes; ++l) {
-    if (l < s.count) {
-      const float* src = tmp;
-      if (t.dtype == DType::kFloat32 && dim == dp)
-        src = reinterpret_cast<const float*>(row_ptr(t, b, h, s.row[l]));
-      else
-        load_row(t, b, h, s.row[l], dim, dp, tmp);
-      for (int64_t d = 0; d < dp; ++d) qt[d * kLanes + l] = scale * src[d];
-    } else {
-      for (int64_t d = 0; d < dp; ++d) qt[d * kLanes + l] = 0.0f;
+// out[c * ldo + r] = scale * rows[r][c0 + c] for a 16 x 16 block, in registers: three rounds
+// of shuffles (32-bit, 64-bit, 128-bit interleaves), 64 in all, against 256 scalar stores.
+inline void transpose16(const float* const* rows, int64_t c0, float scale, float* out,
+                        int64_t ldo) {
+  typedef simd::Vec<16>::F F;
+  F r[16], t[16], u[16];
+  for (int i = 0; i < 16; ++i) r[i] = simd::load<16>(rows[i] + c0);
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = __builtin_shufflevector(r[2 * k], r[2 * k + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24,
+                                       9, 25, 12, 28, 13, 29);
+    t[2 * k + 1] = __builtin_shufflevector(r[2 * k], r[2 * k + 1], 2, 18, 3, 19, 6, 22, 7, 23,
+                                           10, 26, 11, 27, 14, 30, 15, 31);
+  }
+  for (int k = 0; k < 4; ++k)
+    for (int h = 0; h < 2; ++h) {
+      const F a = t[4 * k + h], b = t[4 * k + 2 + h];
+      u[4 * k + 2 * h] = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25,
+                                                 12, 13, 28, 29);
+      u[4 * k + 2 * h + 1] = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11,
+                                                     26, 27, 14, 15, 30, 31);
     }
+  // u[4k + m], 128-bit lane L: rows 4k..4k+3 at column 4L + m.
+  for (int m = 0; m < 4; ++m) {
+    const F A = u[m], B = u[4 + m], C = u[8 + m], D = u[12 + m];
+    const F ab_lo = __builtin_shufflevector(A, B, 0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const F ab_hi = __builtin_shufflevector(A, B, 8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    const F cd_lo = __builtin_shufflevector(C, D, 0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const F cd_hi = __builtin_shufflevector(C, D, 8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    simd::store<16>(out + (0 + m) * ldo, scale * __builtin_shufflevector(ab_lo, cd_lo, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23));
+    simd::store<16>(out + (4 + m) * ldo, scale * __builtin_shufflevector(ab_lo, cd_lo, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
+    simd::store<16>(out + (8 + m) * ldo, scale * __builtin_shufflevector(ab_hi, cd_hi, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23));
+    simd::store<16>(out + (12 + m) * ldo, scale * __builtin_shufflevector(ab_hi, cd_hi, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
+  }
+}
+
+// Queries of the subtile transposed and scaled: qt[d][lane] = scale * q[row_lane][d]. rows
+// holds kLanes * dp floats of scratch (rows not already fp32 at full padded width).
+template <int W>
+void pack_transposed(const AttnTensor& t, int64_t b, int64_t h, const Subtile& s, int64_t dim,
+                     int64_t dp, float scale, float* qt, float* rows) {
+  const float* src[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    float* buf = rows + l * dp;
+    if (l >= s.count) {
+      std::fill(buf, buf + dp, 0.0f);
+      src[l] = buf;
+    } else if (t.dtype == DType::kFloat32 && dim == dp) {
+      src[l] = reinterpret_cast<const float*>(row_ptr(t, b, h, s.row[l]));
+    } else {
+      load_row(t, b, h, s.row[l], dim, dp, buf);
+      src[l] = buf;
+    }
+  }
+  if constexpr (W == 16) {
+    for (int l0 = 0; l0 < kLanes; l0 += 16)
+      for (int64_t d0 = 0; d0 < dp; d0 += 16) transpose16(src + l0, d0, scale, qt + d0 * kLanes + l0, kLanes);
+  } else {
+    for (int l = 0; l < kLanes; ++l)
+      for (int64_t d = 0; d < dp; ++d) qt[d * kLanes + l] = scale * src[l][d];
   }
 }
 
