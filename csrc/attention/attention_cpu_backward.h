@@ -15,6 +15,9 @@ namespace imgtx {
 namespace IMGTX_CPU_NS {
 namespace attn_cpu {
 
+// Below this many (batch, kv head) pairs the query tiles are split into chunks (parallelism).
+constexpr int64_t kMinBackwardTasks = 16;
+
 template <int W>
 void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
   typedef typename simd::Vec<W>::F F;
@@ -30,9 +33,10 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
   const int64_t group = p.heads / p.kv_heads;
   const int64_t pairs = p.batch * p.kv_heads;
   const int64_t units = group * tiles;  // (query head, tile) pairs per kv head
+  // Chunks depend on the problem only, never on the thread count, so that gradients are
+  // bitwise identical for any number of threads (chunk buffers are summed in a fixed order).
   int64_t chunks = 1;
-  if (pairs < 2 * int64_t(num_threads))
-    chunks = std::min(units, (2 * int64_t(num_threads) + pairs - 1) / pairs);
+  if (pairs < kMinBackwardTasks) chunks = std::min(units, (kMinBackwardTasks + pairs - 1) / pairs);
   const int64_t tasks = pairs * chunks;
   const int workers = parallel_workers(tasks, num_threads);
   const bool has_mask = p.mask.kind != AttnMaskKind::kNone;
@@ -115,7 +119,8 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
           load_row(p.out, b, h, row, Dv, dvp, s.tmp.data());
           double dsum = 0.0;
           for (int64_t d = 0; d < Dv; ++d) dsum += double(dor[d]) * double(s.tmp[size_t(d)]);
-          delta = float(dsum);
+          // d lse / d s = P: an incoming lse gradient shifts Delta (dS = P (dP - Delta + g)).
+          delta = float(dsum) - (p.grad_lse ? p.grad_lse[(b * p.heads + h) * p.q_len + row] : 0.0f);
           lse = p.lse[(b * p.heads + h) * p.q_len + row];
         }
       }

@@ -97,7 +97,8 @@ void register_attention(py::module_& m) {
         });
   m.def("attention_backward_cpu",
         [](const Sizes& sizes, const TensorArg& q, const TensorArg& k, const TensorArg& v,
-           const TensorArg& out, const TensorArg& grad_out, uintptr_t lse, const TensorArg& dq,
+           const TensorArg& out, const TensorArg& grad_out, uintptr_t lse, uintptr_t grad_lse,
+           const TensorArg& dq,
            const TensorArg& dk, const TensorArg& dv, float scale, int64_t causal_offset,
            const MaskArg& mask, uintptr_t key_lengths, const std::vector<int64_t>& pattern,
            int num_threads) {
@@ -106,6 +107,7 @@ void register_attention(py::module_& m) {
           p.out = to_tensor(out);
           p.grad_out = to_tensor(grad_out);
           p.lse = reinterpret_cast<const float*>(lse);
+          p.grad_lse = reinterpret_cast<const float*>(grad_lse);
           p.grad_q = to_output(dq);
           p.grad_k = to_output(dk);
           p.grad_v = to_output(dv);

@@ -89,7 +89,7 @@ def _reference_forward(q, k, v, key_lengths, attn_mask, pattern, causal_offset, 
     return out.to(q.dtype), lse.float()
 
 
-def _reference_backward(grad_out, q, k, v, out, lse, key_lengths, attn_mask, pattern,
+def _reference_backward(grad_out, grad_lse, q, k, v, out, key_lengths, attn_mask, pattern,
                         causal_offset, scale):
     """The backward formulas in fp32 torch ops (custom ops run with autograd off)."""
     group = q.shape[1] // k.shape[1]
@@ -102,7 +102,10 @@ def _reference_backward(grad_out, q, k, v, out, lse, key_lengths, attn_mask, pat
                                 return_lse=True, return_probs=True)
     dv = p.transpose(-1, -2) @ dof
     dp = dof @ vf.transpose(-1, -2)
-    ds = p * (dp - (dof * of).sum(-1, keepdim=True))
+    delta = (dof * of).sum(-1, keepdim=True)
+    if grad_lse is not None:  # d lse / d s = P
+        delta = delta - grad_lse.float()[..., None]
+    ds = p * (dp - delta)
     dq = scale * ds @ kf
     dk = scale * ds.transpose(-1, -2) @ qf
     B, Hkv = k.shape[:2]
@@ -111,11 +114,16 @@ def _reference_backward(grad_out, q, k, v, out, lse, key_lengths, attn_mask, pat
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-@torch.library.custom_op("imgtx::attention_forward", mutates_args=())
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_lengths: Optional[Tensor],
-                      attn_mask: Optional[Tensor], pattern: List[int], causal_offset: int,
-                      scale: float) -> Tuple[Tensor, Tensor]:
-    """(out (B, H, Nq, Dv) in q's dtype, lse (B, H, Nq) float32)."""
+def _check_raw(q: Tensor, key_lengths: Optional[Tensor], attn_mask: Optional[Tensor]) -> None:
+    """What the kernels read blindly: the raw ops check it too (cheap, shape-only)."""
+    if key_lengths is not None and (key_lengths.dtype != torch.int64 or key_lengths.shape != (q.shape[0],)):
+        raise ValueError(f"{_OP}: key_lengths must be int64 of shape ({q.shape[0]},)")
+    if attn_mask is not None and attn_mask.dim() != 4:
+        raise ValueError(f"{_OP}: the op takes attn_mask expanded to 4-D (B, H, Nq, Nk)")
+
+
+def _forward_impl(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale):
+    _check_raw(q, key_lengths, attn_mask)
     if q.device.type != "cpu":
         return _reference_forward(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale)
     B, H, Nq, _ = q.shape
@@ -133,6 +141,14 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_lengths: Optional[Ten
     return out, lse
 
 
+@torch.library.custom_op("imgtx::attention_forward", mutates_args=())
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_lengths: Optional[Tensor],
+                      attn_mask: Optional[Tensor], pattern: List[int], causal_offset: int,
+                      scale: float) -> Tuple[Tensor, Tensor]:
+    """(out (B, H, Nq, Dv) in q's dtype, lse (B, H, Nq) float32)."""
+    return _forward_impl(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale)
+
+
 @attention_forward.register_fake
 def _(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale):
     B, H, Nq, _ = q.shape
@@ -141,13 +157,14 @@ def _(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale):
 
 
 @torch.library.custom_op("imgtx::attention_backward", mutates_args=())
-def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                       lse: Tensor, key_lengths: Optional[Tensor], attn_mask: Optional[Tensor],
-                       pattern: List[int], causal_offset: int,
+def attention_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor,
+                       v: Tensor, out: Tensor, lse: Tensor, key_lengths: Optional[Tensor],
+                       attn_mask: Optional[Tensor], pattern: List[int], causal_offset: int,
                        scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_raw(q, key_lengths, attn_mask)
     if q.device.type != "cpu":
-        return _reference_backward(grad_out, q, k, v, out, lse, key_lengths, attn_mask, pattern,
-                                   causal_offset, scale)
+        return _reference_backward(grad_out, grad_lse, q, k, v, out, key_lengths, attn_mask,
+                                   pattern, causal_offset, scale)
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = v.shape[1], v.shape[2], v.shape[3]
     q, k, v, out = _dense_last(q), _dense_last(k), _dense_last(v), _dense_last(out)
@@ -155,9 +172,11 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    glse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else None
     _C.attention_backward_cpu(
         (B, H, Hkv, Nq, Nk, D, Dv), _tensor_arg(q, "q"), _tensor_arg(k, "k"), _tensor_arg(v, "v"),
         _tensor_arg(out, "out"), _tensor_arg(grad_out, "grad_out"), lse.contiguous().data_ptr(),
+        glse.data_ptr() if glse is not None else 0,
         _tensor_arg(dq, "q"), _tensor_arg(dk, "k"), _tensor_arg(dv, "v"), float(scale),
         int(causal_offset), _mask_arg(attn_mask),
         key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern), num_threads())
@@ -165,7 +184,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, key_lengths, attn_mask, pattern, causal_offset, scale):
+def _(grad_out, grad_lse, q, k, v, out, lse, key_lengths, attn_mask, pattern, causal_offset, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -178,13 +197,28 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, key_lengths, attn_mask = ctx.saved_tensors
     if grad_out is None:
-        return None, None, None, None, None, None, None, None
-    dq, dk, dv = torch.ops.imgtx.attention_backward(grad_out, q, k, v, out, lse, key_lengths,
-                                                    attn_mask, *ctx.args)
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.imgtx.attention_backward(grad_out, grad_lse, q, k, v, out, lse,
+                                                    key_lengths, attn_mask, *ctx.args)
     return dq, dk, dv, None, None, None, None, None
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _eager_fast_path(*tensors) -> bool:
+    """Whether the op may be skipped for its implementation: plain CPU tensors, no autograd, no
+    tracing or functorch transform. The dispatcher costs ~40 us per call, as much as a whole
+    decoding step of a small layer."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
+            return False
+    return True
 
 
 def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
@@ -221,7 +255,11 @@ def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
             raise TypeError(f"{_OP}: key_lengths must be an int32/int64 tensor of shape ({B},)")
         if key_lengths.shape != (B,):
             raise ValueError(f"{_OP}: key_lengths must have shape ({B},), got {tuple(key_lengths.shape)}")
-        if key_lengths.numel() and (int(key_lengths.min()) < 0 or int(key_lengths.max()) > Nk):
+        if key_lengths.device != q.device:
+            raise ValueError(f"{_OP}: key_lengths is on {key_lengths.device}, q on {q.device}")
+        # Values are data: read them in eager mode only (the kernel checks them again).
+        if (not torch.compiler.is_compiling() and key_lengths.numel()
+                and (int(key_lengths.min()) < 0 or int(key_lengths.max()) > Nk)):
             raise ValueError(f"{_OP}: key_lengths must be in [0, {Nk}], got values in "
                              f"[{int(key_lengths.min())}, {int(key_lengths.max())}]")
     if attn_mask is not None:
@@ -252,6 +290,11 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, *, causal_offset: Optional[int
     """attention() with the causal alignment spelled out: query i sees keys j <= i +
     causal_offset (None: no causal mask). Returns (out, lse)."""
     _check(q, k, v, key_lengths, attn_mask, pattern, scale)
+    if causal_offset is not None:
+        if isinstance(causal_offset, bool) or not isinstance(causal_offset, int):
+            raise TypeError(f"{_OP}: causal_offset must be an int or None, got {causal_offset!r}")
+        if pattern is not None:
+            raise ValueError(f"{_OP}: a pattern carries its own causality; pass causal_offset=None with it")
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if attn_mask is not None:
@@ -259,9 +302,11 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, *, causal_offset: Optional[int
     if key_lengths is not None:
         key_lengths = key_lengths.to(torch.int64).contiguous()
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    offset = _NO_CAUSAL if causal_offset is None else int(causal_offset)
-    return torch.ops.imgtx.attention_forward(q, k, v, key_lengths, attn_mask, pattern_args(pattern),
-                                             offset, scale)
+    offset = _NO_CAUSAL if causal_offset is None else causal_offset
+    args = (q, k, v, key_lengths, attn_mask, pattern_args(pattern), offset, scale)
+    if _eager_fast_path(q, k, v, key_lengths, attn_mask):
+        return _forward_impl(*args)
+    return torch.ops.imgtx.attention_forward(*args)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,

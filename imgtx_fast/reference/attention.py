@@ -59,6 +59,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if Nk == 0:  # every query sees no key
+        shape = (B, H, Nq, 0) if return_probs else (B, H, Nq, v.shape[-1])
+        out = q.new_zeros(shape)
+        return (out, q.new_full((B, H, Nq), LSE_EMPTY)) if return_lse else out
     s = torch.matmul(q, k.transpose(-1, -2).to(q.dtype)) * scale
     visible = visible_mask(Nq, Nk, causal=causal, pattern=pattern, device=q.device)
     visible = visible.expand(B, H, Nq, Nk)

@@ -73,6 +73,7 @@ struct AttnForwardParams : AttnParams {
 struct AttnBackwardParams : AttnParams {
   AttnTensor out, grad_out;    // the forward's output and its gradient, in q's dtype
   const float* lse = nullptr;  // the forward's lse, (batch, heads, q_len) contiguous
+  const float* grad_lse = nullptr;  // gradient of lse, same layout, or null (zero)
   AttnOutput grad_q, grad_k, grad_v;  // written (not accumulated), in the inputs' dtype
 };
 
