@@ -53,6 +53,10 @@ class BenchResults:
     gpu_ceiling: Dict[str, float] = field(default_factory=dict)
     # test_diffusion.py: (what, (B, K, N)) -> {"ms": {impl: median ms}, "ratios": {...}, ...}
     diffusion: Dict[tuple, dict] = field(default_factory=dict)
+    # test_attention.py: case id -> {"label", "shape", "ms", "gflops", "ratios", "bars", ...}
+    attention: Dict[str, dict] = field(default_factory=dict)
+    attention_ceiling: Optional[dict] = None  # {"size": M, "gflops": float, "rounds": int}
+    attention_memory: Optional[dict] = None   # extra_info of test_attention_peak_memory
 
 
 SETTINGS_KEY = pytest.StashKey[BenchSettings]()
@@ -129,6 +133,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     tr = terminalreporter
     _write_diffusion(tr, results, settings)
+    _write_attention(tr, results, settings)
     title = "imgtx_fast codebook_lookup summary"
     if not settings.timing:
         tr.write_sep("-", title)
@@ -202,6 +207,67 @@ def _write_diffusion(tr, results, settings):
         ratios = ", ".join(f"{k} {v:.2f}x" for k, v in r.get("ratios", {}).items())
         gbs = f", ours {r['ours_GBps']:.1f} GB/s of logits" if "ours_GBps" in r else ""
         tr.write_line(f"{case}: {ms}; {ratios}{gbs}")
+
+
+def _write_attention(tr, results, settings):
+    if not (results.attention or results.attention_ceiling or results.attention_memory):
+        return
+    tr.write_sep("-", "imgtx_fast attention summary")
+    if settings.timing:
+        tr.write_line(f"CPU fp32, threads={settings.threads}, mode={settings.mode}; median ms of calls "
+                      "timed round-robin in one test, each after an untimed call (none for calls > 1 s); "
+                      "ratio = peer median / "
+                      "ours median (>1x: imgtx_fast faster); GF/s on visible pairs "
+                      "(4*pairs*D per forward, fwd+bwd = 3.5x)")
+    else:
+        tr.write_line(f"smoke (--benchmark-disable): tiny shapes, each implementation called once, "
+                      f"threads={settings.threads}; numbers are not meaningful and bars are not judged")
+    header = ["case", "shape", "ours ms", "ours GF/s", "peer", "peer ms", "peer GF/s", "ratio", "bar", ""]
+    rows = []
+    for r in results.attention.values():
+        peers = [p for p in r["ms"] if p != "imgtx_fast"] or ["-"]
+        for i, peer in enumerate(peers):
+            row = [r["label"], r["shape"], f"{r['ms']['imgtx_fast']:.2f}",
+                   f"{r['gflops']['imgtx_fast']:.1f}"] if i == 0 else ["", "", "", ""]
+            if peer == "-":
+                rows.append(row + ["-"] * 6)
+                continue
+            bar = r["bars"].get(peer)
+            ratio = r["ratios"][peer]
+            verdict = ("" if bar is None else "-" if not settings.timing
+                       else "met" if ratio >= bar else "MISSED")
+            rows.append(row + [peer, f"{r['ms'][peer]:.2f}", f"{r['gflops'][peer]:.1f}", f"{ratio:.2f}x",
+                               "-" if bar is None else f">={bar:g}x", verdict])
+    if rows:
+        widths = [max(len(r[c]) for r in rows + [header]) for c in range(len(header))]
+        for r in [header] + rows:
+            tr.write_line("  ".join(c.ljust(w) if i in (0, 1, 4, 9) else c.rjust(w)
+                                    for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if settings.timing:
+            rounds = sorted({r["rounds"] for r in results.attention.values()})
+            judged = [(r["label"], p, r["ratios"][p], b) for r in results.attention.values()
+                      for p, b in r["bars"].items() if p in r["ratios"]]
+            missed = [f"{label} vs {p} {ratio:.2f}x < {b:g}x" for label, p, ratio, b in judged if ratio < b]
+            tr.write_line(f"bars met: {len(judged) - len(missed)}/{len(judged)}"
+                          + (f"; missed: {'; '.join(missed)}" if missed else "")
+                          + f"; timed rounds per implementation: {', '.join(map(str, rounds))}")
+    c = results.attention_ceiling
+    if c:
+        tr.write_line(f"mm ceiling: fp32 torch.mm {c['size']}^3 = {c['gflops']:.1f} GF/s "
+                      f"(median of {c['rounds']})")
+    m = results.attention_memory
+    if m:
+        parts = []
+        for impl, v in m["impls"].items():
+            extra = (f" (setup keeps {v['setup_resident_mib']:.1f} resident, peaks {v['setup_peak_mib']:.1f}"
+                     f"; call {v['call_mib']:.1f})" if v["setup_peak_mib"] >= 0.05 else "")
+            parts.append(f"{impl} {v['total_mib']:.1f}{extra}")
+        note = "" if m["hwm_reset"] else " (VmHWM not resettable: lower bound)"
+        tr.write_line(f"peak extra RSS MiB, local1d {m['shape']} L={m['block']} forward, fresh process each: "
+                      + "; ".join(parts) + note)
+        tr.write_line(f"  for scale: dense (N, N) bool mask N^2 = {m['dense_mask_mib']:.1f} MiB, one fp32 "
+                      f"(B, H, N, N) score tensor = {m['scores_fp32_mib']:.0f} MiB, output "
+                      f"{m['output_mib']:.1f} MiB (included in every figure)")
 
 
 def _write_gpu(tr, results):
