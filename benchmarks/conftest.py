@@ -57,6 +57,7 @@ class BenchResults:
     attention: Dict[str, dict] = field(default_factory=dict)
     attention_ceiling: Optional[dict] = None  # {"size": M, "gflops": float, "rounds": int}
     attention_memory: Optional[dict] = None   # extra_info of test_attention_peak_memory
+    attention_stream: Optional[dict] = None   # {"mib", "gbps", "rounds"}: torch.sum read rate
 
 
 SETTINGS_KEY = pytest.StashKey[BenchSettings]()
@@ -255,6 +256,12 @@ def _write_attention(tr, results, settings):
     if c:
         tr.write_line(f"mm ceiling: fp32 torch.mm {c['size']}^3 = {c['gflops']:.1f} GF/s "
                       f"(median of {c['rounds']})")
+    st = results.attention_stream
+    if st:
+        reads = "; ".join(f"{r['label']}: " + ", ".join(f"{n} {g:.1f}" for n, g in r["gbps"].items())
+                          for r in results.attention.values() if "gbps" in r)
+        tr.write_line(f"read ceiling: torch.sum over {st['mib']:.0f} MiB = {st['gbps']:.1f} GB/s "
+                      f"(median of {st['rounds']})" + (f"; K+V read rate GB/s, {reads}" if reads else ""))
     m = results.attention_memory
     if m:
         parts = []

@@ -321,6 +321,19 @@ def test_attention_mm_ceiling(benchmark, bench_settings, bench_results):
     bench_results.attention_ceiling = {"size": M, "gflops": gflops, "rounds": rounds}
 
 
+def test_attention_stream_ceiling(benchmark, bench_settings, bench_results):
+    """torch.sum over as many bytes as the decode case's K and V: the DRAM (or cache) read rate
+    that bounds decoding, which reads each cached key and value once."""
+    c = case_by_id(bench_settings.mode, "decode")
+    x = torch.randn(2 * c.B * c.H * c.Nk * c.D)
+    benchmark.group = "attention ceiling"
+    med, rounds = benchmark.pedantic(lambda: _time_calls(lambda: x.sum(), bench_settings),
+                                     rounds=1, iterations=1, warmup_rounds=0)
+    gbps = x.numel() * 4 / med / 1e9
+    benchmark.extra_info.update(bytes=x.numel() * 4, gbps=round(gbps, 2), rounds=rounds)
+    bench_results.attention_stream = {"mib": x.numel() * 4 / 2 ** 20, "gbps": gbps, "rounds": rounds}
+
+
 @pytest.mark.parametrize("case_id", CASE_IDS)
 def test_attention(benchmark, bench_settings, bench_results, case_id):
     c = case_by_id(bench_settings.mode, case_id)
@@ -340,6 +353,9 @@ def test_attention(benchmark, bench_settings, bench_results, case_id):
         "gflops": {n: work / t / 1e9 for n, t in medians.items()},
         "ratios": ratios, "bars": dict(c.bars),
     }
+    if c.Nq == 1:  # decoding is a read of K and V: report it as a bandwidth
+        kv_bytes = (k.numel() + v.numel()) * k.element_size()
+        record["gbps"] = {n: kv_bytes / t / 1e9 for n, t in medians.items()}
     bench_results.attention[c.id] = record
     benchmark.extra_info.update(
         shape=c.shape, rounds=rounds, visible_pairs=visible_pairs(c),
