@@ -17,6 +17,7 @@ namespace attn_cpu {
 
 // Below this many (batch, kv head) pairs the query tiles are split into chunks (parallelism).
 constexpr int64_t kMinBackwardTasks = 16;
+constexpr int64_t kMaxChunkBytes = int64_t(256) << 20;
 
 template <int W>
 void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
@@ -35,8 +36,14 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
   const int64_t units = group * tiles;  // (query head, tile) pairs per kv head
   // Chunks depend on the problem only, never on the thread count, so that gradients are
   // bitwise identical for any number of threads (chunk buffers are summed in a fixed order).
+  // Each chunk holds an fp32 (Nk, D + Dv) accumulator; their total stays under
+  // kMaxChunkBytes (one chunk always exists: the per-worker buffer of the unsplit case).
   int64_t chunks = 1;
-  if (pairs < kMinBackwardTasks) chunks = std::min(units, (kMinBackwardTasks + pairs - 1) / pairs);
+  if (pairs < kMinBackwardTasks) {
+    const int64_t per_chunk = pairs * Nk * (dp + dvp) * int64_t(sizeof(float));
+    chunks = std::min({units, (kMinBackwardTasks + pairs - 1) / pairs,
+                       std::max<int64_t>(1, kMaxChunkBytes / std::max<int64_t>(per_chunk, 1))});
+  }
   const int64_t tasks = pairs * chunks;
   const int workers = parallel_workers(tasks, num_threads);
   const bool has_mask = p.mask.kind != AttnMaskKind::kNone;
