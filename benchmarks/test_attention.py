@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from imgtx_fast import Local1d, Local2d, attention
 from imgtx_fast.reference.attention import visible_mask
+from rss_probe import PROC_STATUS_HELPERS
 
 if not hasattr(F, "scaled_dot_product_attention"):  # pragma: no cover - torch < 2.0
     pytest.skip("torch.nn.functional.scaled_dot_product_attention (the peer) needs torch >= 2.0",
@@ -370,25 +371,11 @@ _MEMORY_SCRIPT = r"""
 import importlib.util, json, sys, torch
 path, impl, B, H, N, D, L, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
 torch.set_num_threads(threads)
+sys.path.insert(0, path.rsplit("/", 1)[0])  # the module imports its neighbour rss_probe
 spec = importlib.util.spec_from_file_location("attention_bench", path)
 ab = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ab)
-
-def status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-def reset_hwm():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
+""" + PROC_STATUS_HELPERS + r"""
 def prepare(q, k, v):
     n = q.shape[2]
     if impl == "imgtx_fast":

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from imgtx_fast.diffusion import MaskAndReplaceSchedule, posterior_sample, vb_loss
+from rss_probe import PROC_STATUS_HELPERS
 from imgtx_fast.reference import diffusion as ref
 
 try:
@@ -181,14 +182,7 @@ import json, sys, torch
 impl, B, K, N, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
 from imgtx_fast.diffusion import MaskAndReplaceSchedule, posterior_sample
-
-def status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
+""" + PROC_STATUS_HELPERS + r"""
 g = torch.Generator().manual_seed(0)
 cond = (torch.randn(B, K, N, generator=g) * 3).log_softmax(1)
 unc = (torch.randn(B, K, N, generator=g) * 3).log_softmax(1)

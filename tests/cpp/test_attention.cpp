@@ -185,14 +185,8 @@ void run_attention_tests() {
   cases.push_back({"local2d decode", 1, 2, 2, 3, 60, 32, 32, l2, false, false});
   l2.causal = false;
   cases.push_back({"local2d window", 2, 1, 1, 99, 99, 80, 80, l2, false, false});
-  for (const char* isa : {"portable", "avx2", "avx512"}) {
-    const std::string name(isa);
-    const imgtx::CpuIsa id = name == "avx512" ? imgtx::CpuIsa::kAvx512
-                             : name == "avx2" ? imgtx::CpuIsa::kAvx2
-                                              : imgtx::CpuIsa::kPortable;
-    if (!imgtx::cpu_isa_supported(id)) continue;
-    imgtx::set_cpu_isa(isa);
+  imgtx_test::for_each_cpu_isa([&](const std::string& name) {
     for (const Case& c : cases) run_case(c, rng, name);
-  }
+  });
   test_bad_arguments();
 }

@@ -140,12 +140,8 @@ void test_bad_arguments() {
 
 int main() {
   std::mt19937 rng(1234);
-  for (const char* isa : {"portable", "avx2", "avx512"}) {
-    if (!imgtx::cpu_isa_supported(isa == std::string("avx512") ? imgtx::CpuIsa::kAvx512
-                                  : isa == std::string("avx2")  ? imgtx::CpuIsa::kAvx2
-                                                                : imgtx::CpuIsa::kPortable))
-      continue;
-    imgtx::set_cpu_isa(isa);
+  imgtx_test::for_each_cpu_isa([&](const std::string& name) {
+    const char* isa = name.c_str();
     for (bool cosine : {false, true}) {
       test_against_brute_force(rng, 1, 1, 1, cosine, false, isa);
       test_against_brute_force(rng, 13, 37, 5, cosine, false, isa);
@@ -153,7 +149,7 @@ int main() {
       test_against_brute_force(rng, 777, 333, 64, cosine, false, isa);
     }
     test_half_inputs(isa);
-  }
+  });
   test_bad_arguments();
   run_diffusion_tests();
   run_attention_tests();

@@ -261,16 +261,10 @@ void test_bad_arguments() {
 void run_diffusion_tests() {
   std::mt19937 rng(99);
   test_philox_known_answers();
-  for (const char* isa : {"portable", "avx2", "avx512"}) {
-    const std::string name(isa);
-    const imgtx::CpuIsa id = name == "avx512" ? imgtx::CpuIsa::kAvx512
-                             : name == "avx2" ? imgtx::CpuIsa::kAvx2
-                                              : imgtx::CpuIsa::kPortable;
-    if (!imgtx::cpu_isa_supported(id)) continue;
-    imgtx::set_cpu_isa(isa);
+  imgtx_test::for_each_cpu_isa([&](const std::string& name) {
     test_posterior_vs_bayes(rng, name);
     test_sampling_frequencies(rng, name);
-  }
+  });
   test_q_sample();
   test_half_widening<8>();
   test_half_widening<16>();
