@@ -46,6 +46,12 @@ if command -v compute-sanitizer >/dev/null; then
   step "racecheck (diffusion)" racecheck_diffusion.log compute-sanitizer --tool racecheck \
     --error-exitcode 9 "$PY" -m pytest tests/test_diffusion_cuda.py -q -x \
     -k "log_probs and 3-64-17 and fp32 and token"
+  step "sanitizer (attention)" sanitizer_attention.log compute-sanitizer --tool memcheck \
+    --error-exitcode 9 "$PY" -m pytest tests/test_attention_cuda.py -q -x \
+    -k "(forward and 64 and fp16 and (dense- or local2d- or decode- or key_lengths)) or (backward and 64 and fp16 and (causal- or local1d))"
+  step "racecheck (attention)" racecheck_attention.log compute-sanitizer --tool racecheck \
+    --error-exitcode 9 "$PY" -m pytest tests/test_attention_cuda.py -q -x \
+    -k "(forward and 64 and bf16 and causal-) or (backward and 64 and bf16 and dense)"
 else
   status+=("compute-sanitizer         SKIP  (not installed)")
 fi

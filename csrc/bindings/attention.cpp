@@ -77,6 +77,38 @@ void fill_common(AttnParams& p, const Sizes& sizes, const TensorArg& q, const Te
   p.pattern.flange_w = pattern[9];
 }
 
+using OutArg = std::tuple<uintptr_t, int64_t, int64_t, int64_t>;
+
+AttnForwardParams forward_params(const Sizes& sizes, const TensorArg& q, const TensorArg& k,
+                                 const TensorArg& v, const OutArg& out, uintptr_t lse,
+                                 float scale, int64_t causal_offset, const MaskArg& mask,
+                                 uintptr_t key_lengths, const std::vector<int64_t>& pattern) {
+  AttnForwardParams p;
+  fill_common(p, sizes, q, k, v, scale, causal_offset, mask, key_lengths, pattern);
+  p.out = {reinterpret_cast<void*>(std::get<0>(out)), p.q.dtype, std::get<1>(out),
+           std::get<2>(out), std::get<3>(out)};
+  p.lse = reinterpret_cast<float*>(lse);
+  return p;
+}
+
+AttnBackwardParams backward_params(const Sizes& sizes, const TensorArg& q, const TensorArg& k,
+                                   const TensorArg& v, const TensorArg& out,
+                                   const TensorArg& grad_out, uintptr_t lse, uintptr_t grad_lse,
+                                   const TensorArg& dq, const TensorArg& dk, const TensorArg& dv,
+                                   float scale, int64_t causal_offset, const MaskArg& mask,
+                                   uintptr_t key_lengths, const std::vector<int64_t>& pattern) {
+  AttnBackwardParams p;
+  fill_common(p, sizes, q, k, v, scale, causal_offset, mask, key_lengths, pattern);
+  p.out = to_tensor(out);
+  p.grad_out = to_tensor(grad_out);
+  p.lse = reinterpret_cast<const float*>(lse);
+  p.grad_lse = reinterpret_cast<const float*>(grad_lse);
+  p.grad_q = to_output(dq);
+  p.grad_k = to_output(dk);
+  p.grad_v = to_output(dv);
+  return p;
+}
+
 }  // namespace
 
 void register_attention(py::module_& m) {
@@ -84,35 +116,74 @@ void register_attention(py::module_& m) {
   m.attr("ATTN_LSE_EMPTY") = kLseEmpty;
   m.def("attention_forward_cpu",
         [](const Sizes& sizes, const TensorArg& q, const TensorArg& k, const TensorArg& v,
-           const std::tuple<uintptr_t, int64_t, int64_t, int64_t>& out, uintptr_t lse,
-           float scale, int64_t causal_offset, const MaskArg& mask, uintptr_t key_lengths,
-           const std::vector<int64_t>& pattern, int num_threads) {
-          AttnForwardParams p;
-          fill_common(p, sizes, q, k, v, scale, causal_offset, mask, key_lengths, pattern);
-          p.out = {reinterpret_cast<void*>(std::get<0>(out)), p.q.dtype, std::get<1>(out),
-                   std::get<2>(out), std::get<3>(out)};
-          p.lse = reinterpret_cast<float*>(lse);
+           const OutArg& out, uintptr_t lse, float scale, int64_t causal_offset,
+           const MaskArg& mask, uintptr_t key_lengths, const std::vector<int64_t>& pattern,
+           int num_threads) {
+          const AttnForwardParams p = forward_params(sizes, q, k, v, out, lse, scale,
+                                                     causal_offset, mask, key_lengths, pattern);
           py::gil_scoped_release release;
           attention_forward_cpu(p, num_threads);
         });
   m.def("attention_backward_cpu",
         [](const Sizes& sizes, const TensorArg& q, const TensorArg& k, const TensorArg& v,
            const TensorArg& out, const TensorArg& grad_out, uintptr_t lse, uintptr_t grad_lse,
-           const TensorArg& dq,
-           const TensorArg& dk, const TensorArg& dv, float scale, int64_t causal_offset,
-           const MaskArg& mask, uintptr_t key_lengths, const std::vector<int64_t>& pattern,
-           int num_threads) {
-          AttnBackwardParams p;
-          fill_common(p, sizes, q, k, v, scale, causal_offset, mask, key_lengths, pattern);
-          p.out = to_tensor(out);
-          p.grad_out = to_tensor(grad_out);
-          p.lse = reinterpret_cast<const float*>(lse);
-          p.grad_lse = reinterpret_cast<const float*>(grad_lse);
-          p.grad_q = to_output(dq);
-          p.grad_k = to_output(dk);
-          p.grad_v = to_output(dv);
+           const TensorArg& dq, const TensorArg& dk, const TensorArg& dv, float scale,
+           int64_t causal_offset, const MaskArg& mask, uintptr_t key_lengths,
+           const std::vector<int64_t>& pattern, int num_threads) {
+          const AttnBackwardParams p =
+              backward_params(sizes, q, k, v, out, grad_out, lse, grad_lse, dq, dk, dv, scale,
+                              causal_offset, mask, key_lengths, pattern);
           py::gil_scoped_release release;
           attention_backward_cpu(p, num_threads);
+        });
+  // CUDA: the same arguments (device pointers) plus a workspace and the stream. The
+  // *_workspace_size functions take the arguments with null pointers.
+  m.def("attention_cuda_supported",
+        [](const Sizes& sizes, const TensorArg& q, const TensorArg& k, const TensorArg& v,
+           int64_t causal_offset, const MaskArg& mask, uintptr_t key_lengths,
+           const std::vector<int64_t>& pattern) {
+          AttnParams p;
+          fill_common(p, sizes, q, k, v, 1.0f, causal_offset, mask, key_lengths, pattern);
+          return attention_cuda_supported(p);
+        });
+  m.def("attention_forward_cuda_workspace_size",
+        [](const Sizes& sizes, const TensorArg& q, const TensorArg& k, const TensorArg& v,
+           const OutArg& out, uintptr_t lse, float scale, int64_t causal_offset,
+           const MaskArg& mask, uintptr_t key_lengths, const std::vector<int64_t>& pattern) {
+          return attention_forward_cuda_workspace_size(forward_params(
+              sizes, q, k, v, out, lse, scale, causal_offset, mask, key_lengths, pattern));
+        });
+  m.def("attention_forward_cuda",
+        [](const Sizes& sizes, const TensorArg& q, const TensorArg& k, const TensorArg& v,
+           const OutArg& out, uintptr_t lse, float scale, int64_t causal_offset,
+           const MaskArg& mask, uintptr_t key_lengths, const std::vector<int64_t>& pattern,
+           uintptr_t workspace, uintptr_t stream) {
+          const AttnForwardParams p = forward_params(sizes, q, k, v, out, lse, scale,
+                                                     causal_offset, mask, key_lengths, pattern);
+          py::gil_scoped_release release;
+          attention_forward_cuda(p, reinterpret_cast<void*>(workspace), reinterpret_cast<void*>(stream));
+        });
+  m.def("attention_backward_cuda_workspace_size",
+        [](const Sizes& sizes, const TensorArg& q, const TensorArg& k, const TensorArg& v,
+           const TensorArg& out, const TensorArg& grad_out, uintptr_t lse, uintptr_t grad_lse,
+           const TensorArg& dq, const TensorArg& dk, const TensorArg& dv, float scale,
+           int64_t causal_offset, const MaskArg& mask, uintptr_t key_lengths,
+           const std::vector<int64_t>& pattern) {
+          return attention_backward_cuda_workspace_size(
+              backward_params(sizes, q, k, v, out, grad_out, lse, grad_lse, dq, dk, dv, scale,
+                              causal_offset, mask, key_lengths, pattern));
+        });
+  m.def("attention_backward_cuda",
+        [](const Sizes& sizes, const TensorArg& q, const TensorArg& k, const TensorArg& v,
+           const TensorArg& out, const TensorArg& grad_out, uintptr_t lse, uintptr_t grad_lse,
+           const TensorArg& dq, const TensorArg& dk, const TensorArg& dv, float scale,
+           int64_t causal_offset, const MaskArg& mask, uintptr_t key_lengths,
+           const std::vector<int64_t>& pattern, uintptr_t workspace, uintptr_t stream) {
+          const AttnBackwardParams p =
+              backward_params(sizes, q, k, v, out, grad_out, lse, grad_lse, dq, dk, dv, scale,
+                              causal_offset, mask, key_lengths, pattern);
+          py::gil_scoped_release release;
+          attention_backward_cuda(p, reinterpret_cast<void*>(workspace), reinterpret_cast<void*>(stream));
         });
 }
 

@@ -5,9 +5,11 @@ local 1D/2D attention: the kernel visits only the key tiles a query tile can see
 boundary tiles only. The forward saves the log-sum-exp; the backward recomputes P tile by
 tile. Semantics: csrc/include/imgtx/attention.h and ../shared/specs/local_attention.md.
 
-CUDA tensors run the plain-PyTorch reference until the CUDA kernels land.
+CUDA tensors run the fp32 plain-PyTorch path unless IMGTX_FAST_CUDA_ATTENTION=1 enables the
+CUDA kernels (compiled, not yet verified on a GPU; see cuda_kernels_enabled).
 """
 import math
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -17,7 +19,7 @@ from .. import _C
 from .._dtypes import float_code
 from ..patterns import Local1d, Local2d
 from ..reference import attention as _reference
-from ._launch import num_threads
+from ._launch import cuda_stream, num_threads
 
 _OP = "attention"
 _MAX_HEAD_DIM = 256
@@ -122,10 +124,46 @@ def _check_raw(q: Tensor, key_lengths: Optional[Tensor], attn_mask: Optional[Ten
         raise ValueError(f"{_OP}: the op takes attn_mask expanded to 4-D (B, H, Nq, Nk)")
 
 
+def cuda_kernels_enabled() -> bool:
+    """The CUDA attention kernels are compiled but have not run on a GPU yet: they are opt-in
+    (IMGTX_FAST_CUDA_ATTENTION=1) until verified; otherwise CUDA tensors run the fp32 torch path."""
+    return os.environ.get("IMGTX_FAST_CUDA_ATTENTION", "0") == "1" and _C.cuda_compiled()
+
+
+def _use_cuda_kernel(q, k, v, key_lengths, attn_mask, pattern, causal_offset) -> bool:
+    if q.device.type != "cuda" or not cuda_kernels_enabled():
+        return False
+    B, H, Nq, D = q.shape
+    return _C.attention_cuda_supported(
+        (B, H, k.shape[1], Nq, k.shape[2], D, v.shape[3]), _tensor_arg(q, "q"),
+        _tensor_arg(k, "k"), _tensor_arg(v, "v"), int(causal_offset), _mask_arg(attn_mask),
+        key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern))
+
+
+def _workspace(nbytes: int, device) -> Tensor:
+    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
+
+
 def _forward_impl(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale):
     _check_raw(q, key_lengths, attn_mask)
     if q.device.type != "cpu":
-        return _reference_forward(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale)
+        q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+        if not _use_cuda_kernel(q, k, v, key_lengths, attn_mask, pattern, causal_offset):
+            return _reference_forward(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale)
+        B, H, Nq, D = q.shape
+        out = q.new_empty((B, Nq, H, v.shape[3])).transpose(1, 2)
+        lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+        if out.numel() == 0:
+            return out, lse.fill_(_reference.LSE_EMPTY)
+        args = ((B, H, k.shape[1], Nq, k.shape[2], D, v.shape[3]), _tensor_arg(q, "q"),
+                _tensor_arg(k, "k"), _tensor_arg(v, "v"),
+                (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)), lse.data_ptr(),
+                float(scale), int(causal_offset), _mask_arg(attn_mask),
+                key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern))
+        with torch.cuda.device(q.device):
+            ws = _workspace(_C.attention_forward_cuda_workspace_size(*args), q.device)
+            _C.attention_forward_cuda(*args, ws.data_ptr(), cuda_stream(q))
+        return out, lse
     B, H, Nq, _ = q.shape
     Hkv, Nk, Dv = v.shape[1], v.shape[2], v.shape[3]
     q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
@@ -162,7 +200,8 @@ def attention_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, 
                        attn_mask: Optional[Tensor], pattern: List[int], causal_offset: int,
                        scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     _check_raw(q, key_lengths, attn_mask)
-    if q.device.type != "cpu":
+    on_cuda = q.device.type != "cpu"
+    if on_cuda and not _use_cuda_kernel(q, k, v, key_lengths, attn_mask, pattern, causal_offset):
         return _reference_backward(grad_out, grad_lse, q, k, v, out, key_lengths, attn_mask,
                                    pattern, causal_offset, scale)
     B, H, Nq, D = q.shape
@@ -173,13 +212,19 @@ def attention_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, 
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     glse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else None
-    _C.attention_backward_cpu(
-        (B, H, Hkv, Nq, Nk, D, Dv), _tensor_arg(q, "q"), _tensor_arg(k, "k"), _tensor_arg(v, "v"),
-        _tensor_arg(out, "out"), _tensor_arg(grad_out, "grad_out"), lse.contiguous().data_ptr(),
-        glse.data_ptr() if glse is not None else 0,
-        _tensor_arg(dq, "q"), _tensor_arg(dk, "k"), _tensor_arg(dv, "v"), float(scale),
-        int(causal_offset), _mask_arg(attn_mask),
-        key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern), num_threads())
+    lse = lse.contiguous()
+    args = ((B, H, Hkv, Nq, Nk, D, Dv), _tensor_arg(q, "q"), _tensor_arg(k, "k"),
+            _tensor_arg(v, "v"), _tensor_arg(out, "out"), _tensor_arg(grad_out, "grad_out"),
+            lse.data_ptr(), glse.data_ptr() if glse is not None else 0,
+            _tensor_arg(dq, "q"), _tensor_arg(dk, "k"), _tensor_arg(dv, "v"), float(scale),
+            int(causal_offset), _mask_arg(attn_mask),
+            key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern))
+    if on_cuda:
+        with torch.cuda.device(q.device):
+            ws = _workspace(_C.attention_backward_cuda_workspace_size(*args), q.device)
+            _C.attention_backward_cuda(*args, ws.data_ptr(), cuda_stream(q))
+    else:
+        _C.attention_backward_cpu(*args, num_threads())
     return dq, dk, dv
 
 
@@ -210,7 +255,9 @@ def _eager_fast_path(*tensors) -> bool:
     """Whether the op may be skipped for its implementation: plain CPU tensors, no autograd, no
     tracing or functorch transform. The dispatcher costs ~40 us per call, as much as a whole
     decoding step of a small layer."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._len_torch_dispatch_stack() > 0):  # e.g. FlopCounterMode sees the op
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:

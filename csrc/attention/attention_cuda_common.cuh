@@ -1,0 +1,408 @@
+// Shared pieces of the CUDA attention kernels (semantics: imgtx/attention.h).
+//
+// - Tensor-core wrappers: mma.sync m16n8k16 (fp16 or bf16 inputs, fp32 accumulate), ldmatrix
+//   (plain and .trans), cp.async 16-byte copies with zero fill (for padding key rows).
+// - The device-side block-sparse plan. It MIRRORS csrc/attention/attention_plan.cpp (keep the two
+//   in sync): the same query tiles (dense: runs of tile_rows rows; Local1d: runs that never
+//   straddle a block; Local2d: the pixels of one image tile, in the tile's raster order, cut in
+//   chunks of tile_rows) and the same key segments per tile. One difference of representation:
+//   a Local1d causal tile's "previous block" + "own block" segments, and a Local2d causal row's
+//   "left flange" + "own tile" segments, are contiguous in key rows and are merged here into one
+//   segment whose keys at rows >= `cf` are causal (kpos = kb + row - cf) and plain before.
+//   That visits the same keys in the same order with the same visibility rule.
+// - Kernels walk the concatenated segments in key blocks of kBN keys; a block's key rows and
+//   positions are written to shared memory and K/V rows are gathered by index (so Local2d's
+//   row strips cost the same as contiguous keys). Visibility of key j for query q:
+//   key row valid (inside the segments) && (kpos == kPlainKey || kpos <= qpos) && mask.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "common/cuda_dtype.cuh"
+#include "imgtx/attention.h"
+
+namespace imgtx {
+namespace attn_cuda {
+
+constexpr int kBM = 64;        // query rows per CTA (4 warps x 16 rows)
+constexpr int kBN = 64;        // keys per key block
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kPlainKey = INT_MIN;  // kpos of a key every query of the tile sees
+constexpr int kDecodeMaxQueries = 4;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---- plan ---------------------------------------------------------------------------------
+struct DevPlan {
+  int kind = 0;          // AttnPatternKind
+  int causal = 0;        // dense: AttnParams::causal
+  int pcausal = 0;       // pattern's own causality
+  int64_t nq = 0, nk = 0, offset = 0, causal_offset = 0;  // offset = k_len - q_len
+  int64_t L = 0, fw1 = 0;                                // Local1d block, filter width
+  int64_t H = 0, W = 0, qh = 0, qw = 0, fh = 0, fw = 0;  // Local2d
+  int64_t tile_rows = kBM;  // max query rows of a tile
+  int64_t tiles = 0;
+  int64_t blo = 0, slots = 0;            // Local1d: first query block, tiles per block
+  int64_t trlo = 0, ntc = 0, subs = 0;   // Local2d: first tile row, tile columns, chunks/tile
+  const int64_t* key_lengths = nullptr;  // device pointer or null
+};
+
+struct Tile {
+  int n = 0;                  // query rows
+  int64_t a = 0;              // dense/1d: first query row
+  int64_t bs = 0;             // 1d: start position of the query block
+  int64_t r0 = 0, c0 = 0, e0 = 0, tw = 0, rlo = 0;  // 2d
+  int qmin = 0, qmax = 0;     // positions of the first and last row (they increase)
+  int64_t kend = 0;           // keys clipped at key_lengths[b]
+  int nseg = 0;
+};
+
+struct Seg {
+  int64_t start, end;  // key rows [start, end), end may be <= start (empty)
+  int64_t cf;          // rows >= cf are causal
+  int64_t kb;          // kpos of row cf
+};
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+__device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// Query row and position of row k of the tile (mirrors AttnPlan::query_rows).
+__device__ __forceinline__ void tile_row(const DevPlan& P, const Tile& T, int k, int64_t& i,
+                                         int& qpos) {
+  if (P.kind != int(AttnPatternKind::kLocal2d)) {
+    i = T.a + k;
+    const int64_t pos =
+        i + (P.kind == int(AttnPatternKind::kDense) ? P.causal_offset : P.offset);
+    qpos = int(clamp64(pos, -1, P.nk));
+    return;
+  }
+  const int64_t e = T.e0 + k, r = T.r0 + e / T.tw, c = T.c0 + e % T.tw;
+  i = r * P.W + c - P.offset;
+  qpos = int((r - T.r0) * P.qw + (c - T.c0));
+}
+
+// Number of pixels of a 2d tile whose position is < x.
+__device__ __forceinline__ int64_t pixels_below(const DevPlan& P, int64_t r0, int64_t c0,
+                                                int64_t th, int64_t tw, int64_t x) {
+  int64_t n = 0;
+  for (int64_t rr = 0; rr < th; ++rr) n += clamp64(x - ((r0 + rr) * P.W + c0), 0, tw);
+  return n;
+}
+
+// Tile t of batch b (mirrors the AttnPlan constructor and AttnPlan::tile). Returns false for
+// an empty tile (the grid is a superset of the CPU plan's tiles).
+__device__ inline bool make_tile(const DevPlan& P, int64_t t, int64_t b, Tile& T) {
+  const int64_t R = P.tile_rows;
+  if (P.kind == int(AttnPatternKind::kLocal2d)) {
+    const int64_t per = P.ntc * P.subs;
+    const int64_t tr = P.trlo + t / per, rem = t % per;
+    T.r0 = tr * P.qh;
+    T.c0 = (rem / P.subs) * P.qw;
+    const int64_t sub = rem % P.subs;
+    const int64_t th = min64(P.qh, P.H - T.r0);
+    T.tw = min64(P.qw, P.W - T.c0);
+    if (th <= 0 || T.tw <= 0) return false;
+    const int64_t lo = pixels_below(P, T.r0, T.c0, th, T.tw, P.offset);
+    const int64_t hi = pixels_below(P, T.r0, T.c0, th, T.tw, P.offset + P.nq);
+    T.e0 = lo + sub * R;
+    const int64_t n = min64(hi, T.e0 + R) - T.e0;
+    if (n <= 0) return false;
+    T.n = int(n);
+  } else if (P.kind == int(AttnPatternKind::kLocal1d)) {
+    const int64_t bi = P.blo + t / P.slots, s = t % P.slots;
+    T.bs = bi * P.L;
+    const int64_t start = max64(T.bs, P.offset), end = min64(T.bs + P.L, P.offset + P.nq);
+    const int64_t p0 = start + s * R;
+    const int64_t n = min64(p0 + R, end) - p0;
+    if (n <= 0) return false;
+    T.n = int(n);
+    T.a = p0 - P.offset;
+  } else {
+    T.a = t * R;
+    const int64_t n = min64(R, P.nq - T.a);
+    if (n <= 0) return false;
+    T.n = int(n);
+  }
+  int64_t i;
+  tile_row(P, T, 0, i, T.qmin);
+  tile_row(P, T, T.n - 1, i, T.qmax);
+  T.kend = P.key_lengths ? min64(P.key_lengths[b], P.nk) : P.nk;
+  if (P.kind == int(AttnPatternKind::kLocal2d)) {
+    T.rlo = max64(T.r0 - P.fh, 0);
+    const int64_t rhi = P.pcausal ? min64(T.r0 + P.qh, P.H) : min64(T.r0 + P.qh + P.fh, P.H);
+    T.nseg = int(rhi - T.rlo);
+  } else {
+    T.nseg = 1;
+  }
+  return true;
+}
+
+// Segment s of the tile, clipped to [0, kend) (mirrors the `add` calls of AttnPlan::tile).
+__device__ __forceinline__ Seg get_seg(const DevPlan& P, const Tile& T, int s) {
+  constexpr int64_t kNever = INT64_MAX;
+  Seg g;
+  g.cf = kNever;
+  g.kb = 0;
+  if (P.kind == int(AttnPatternKind::kDense)) {
+    g.start = 0;
+    g.end = P.causal ? min64(int64_t(T.qmax) + 1, T.kend) : T.kend;
+    if (P.causal) g.cf = 0;
+  } else if (P.kind == int(AttnPatternKind::kLocal1d)) {
+    if (P.pcausal) {
+      g.start = max64(T.bs - P.L, 0);
+      g.end = min64(T.a + T.n + P.offset, T.kend);  // last query position + 1
+      g.cf = T.bs;
+      g.kb = T.bs;
+    } else {
+      g.start = max64(T.bs - P.fw1, 0);
+      g.end = min64(T.bs + P.L + P.fw1, T.kend);
+    }
+  } else {
+    const int64_t r = T.rlo + s;
+    const int64_t cl = max64(T.c0 - P.fw, 0);
+    const int64_t cr = min64(T.c0 + P.qw + P.fw, P.W);
+    g.start = r * P.W + cl;
+    if (P.pcausal && r >= T.r0) {  // left flange (plain) then own tile row (causal)
+      g.end = r * P.W + min64(T.c0 + P.qw, P.W);
+      g.cf = r * P.W + T.c0;
+      g.kb = (r - T.r0) * P.qw;
+    } else {
+      g.end = r * P.W + cr;
+    }
+    g.end = min64(g.end, T.kend);
+  }
+  return g;
+}
+
+__device__ __forceinline__ int64_t seg_len(const Seg& g) {
+  return g.end > g.start ? g.end - g.start : 0;
+}
+
+// Moves the cursor (s, off) forward by d keys over the concatenated segments. Returns whether
+// the cursor still points at a key.
+__device__ inline bool advance(const DevPlan& P, const Tile& T, int& s, int64_t& off,
+                               int64_t d) {
+  while (s < T.nseg) {
+    const int64_t len = seg_len(get_seg(P, T, s));
+    if (off + d < len) {
+      off += d;
+      return true;
+    }
+    d -= len - off;
+    ++s;
+    off = 0;
+  }
+  return false;
+}
+
+__device__ inline int64_t total_keys(const DevPlan& P, const Tile& T) {
+  int64_t n = 0;
+  for (int s = 0; s < T.nseg; ++s) n += seg_len(get_seg(P, T, s));
+  return n;
+}
+
+// Key at cursor (s, off) + d: its row (or -1 past the end) and kpos.
+__device__ __forceinline__ void key_at(const DevPlan& P, const Tile& T, int s, int64_t off,
+                                       int64_t d, int& row, int& kpos) {
+  row = -1;
+  kpos = kPlainKey;
+  if (!advance(P, T, s, off, d)) return;
+  const Seg g = get_seg(P, T, s);
+  const int64_t j = g.start + off;
+  row = int(j);
+  if (j >= g.cf) kpos = int(g.kb + (j - g.cf));
+}
+
+// ---- mask ---------------------------------------------------------------------------------
+struct MaskArgs {
+  const void* data = nullptr;
+  int kind = 0;  // AttnMaskKind
+  DType dtype = DType::kFloat32;
+  int64_t sb = 0, sh = 0, sq = 0, sk = 0;
+};
+
+// Applies the user mask to x (log2-domain score) of key row j for a query whose mask row starts
+// at element `rowbase`. Returns false when the key is masked out.
+__device__ __forceinline__ bool apply_user_mask(const MaskArgs& m, int64_t rowbase, int j,
+                                                float& x) {
+  const int64_t off = rowbase + int64_t(j) * m.sk;
+  if (m.kind == int(AttnMaskKind::kBool))
+    return __ldg(static_cast<const unsigned char*>(m.data) + off) != 0;
+  x += load_any(m.dtype, m.data, off) * kLog2e;
+  return true;
+}
+
+// ---- arguments ----------------------------------------------------------------------------
+struct TensorArgs {
+  const void* data = nullptr;
+  int64_t sb = 0, sh = 0, sr = 0;
+};
+struct OutArgs {
+  void* data = nullptr;
+  int64_t sb = 0, sh = 0, sr = 0;
+};
+
+struct FwdArgs {
+  DevPlan plan;
+  TensorArgs q, k, v;
+  OutArgs out;
+  float* lse = nullptr;
+  MaskArgs mask;
+  int64_t batch = 0, heads = 0, kv_heads = 0, group = 0;
+  float scale_log2 = 0.f;  // scale * log2(e)
+  int aligned = 0;         // q/k/v rows 16-byte aligned: cp.async, else scalar loads
+  // Query heads packed per CTA (decode: the group's heads share the kv head's keys; 1 else).
+  int hpack = 1;
+  int64_t cpg = 1;         // head chunks per kv head = ceil(group / hpack)
+  int splits = 1;          // key splits (flash-decoding); partial != null when > 1
+  float* partial = nullptr;  // [batch][heads][q_len][splits][D + 2]: (m log2, l, o[D])
+};
+
+struct BwdArgs {
+  DevPlan plan;
+  TensorArgs q, k, v, out, dout;
+  OutArgs dq;
+  const float* lse = nullptr;
+  const float* dlse = nullptr;
+  float* dk_acc = nullptr;  // [batch][kv_heads][k_len][D] fp32, zeroed
+  float* dv_acc = nullptr;
+  MaskArgs mask;
+  int64_t batch = 0, heads = 0, kv_heads = 0, group = 0;
+  float scale = 0.f, scale_log2 = 0.f;
+  int aligned = 0;
+};
+
+template <int D, class T>
+void launch_fwd(const FwdArgs& a, int64_t ctas, cudaStream_t stream);
+template <int D, class T>
+void launch_bwd(const BwdArgs& a, int64_t ctas, cudaStream_t stream);
+
+// ---- tensor-core and copy primitives -----------------------------------------------------
+template <class T>
+struct TypeOps;
+
+template <>
+struct TypeOps<__half> {
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ void store(void* p, int64_t i, float v) { F16::store(p, i, v); }
+  static __device__ __forceinline__ float load(const void* p, int64_t i) { return F16::load(p, i); }
+};
+
+template <>
+struct TypeOps<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ void store(void* p, int64_t i, float v) { BF16::store(p, i, v); }
+  static __device__ __forceinline__ float load(const void* p, int64_t i) { return BF16::load(p, i); }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// 16 bytes global -> shared; src_bytes = 0 writes zeros (src must still be a valid address).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Copies 8 elements (16 bytes) of a row into shared memory: cp.async when the source is 16-byte
+// aligned, else 8 scalar loads (any stride, any base alignment). Zeros when !valid.
+__device__ __forceinline__ void load_chunk(void* dst, const void* base, int64_t off, bool valid,
+                                           bool aligned) {
+  const unsigned short* src = static_cast<const unsigned short*>(base) + (valid ? off : 0);
+  if (aligned) {
+    cp_async16(dst, src, valid);
+    return;
+  }
+  uint4 v = make_uint4(0, 0, 0, 0);
+  if (valid) {
+    unsigned short e[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) e[i] = __ldg(src + i);
+    v.x = e[0] | (uint32_t(e[1]) << 16);
+    v.y = e[2] | (uint32_t(e[3]) << 16);
+    v.z = e[4] | (uint32_t(e[5]) << 16);
+    v.w = e[6] | (uint32_t(e[7]) << 16);
+  }
+  *static_cast<uint4*>(dst) = v;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Fills the key indices of one block (threads 0..kBN-1, one key each) from the cursor, and
+// returns (via the two barriers) whether no row of the tile can see the block (skip) and
+// whether it needs per-element masking. Callers must ensure nobody still reads krow/kpos.
+__device__ __forceinline__ void fill_block(const DevPlan& P, const Tile& T, int cs,
+                                           int64_t co, int* krow, int* kpos, bool has_mask,
+                                           bool& skip, bool& needmask) {
+  const int tid = threadIdx.x;
+  int invis = 1, part = 0;
+  if (tid < kBN) {
+    int row, kp;
+    key_at(P, T, cs, co, tid, row, kp);
+    krow[tid] = row;
+    kpos[tid] = kp;
+    invis = row < 0 || (kp != kPlainKey && kp > T.qmax);
+    part = row < 0 || (kp != kPlainKey && kp > T.qmin);
+  }
+  skip = __syncthreads_and(invis) != 0;
+  needmask = (__syncthreads_or(part) != 0) || has_mask;
+}
+
+}  // namespace attn_cuda
+}  // namespace imgtx
