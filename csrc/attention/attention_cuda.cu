@@ -41,51 +41,6 @@ size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 
 bool dims_supported(int64_t d) { return d == 32 || d == 64 || d == 96 || d == 128; }
 
-// Mirrors the AttnPlan constructor (attention_plan.cpp): the number of tiles and the numbers
-// make_tile needs. The grid may contain empty tiles (make_tile returns false for them).
-DevPlan make_plan(const AttnParams& p, int64_t tile_rows) {
-  DevPlan P;
-  const AttnPattern& pat = p.pattern;
-  P.kind = int(pat.kind);
-  P.causal = p.causal ? 1 : 0;
-  P.pcausal = pat.causal ? 1 : 0;
-  P.nq = p.q_len;
-  P.nk = p.k_len;
-  P.offset = p.k_len - p.q_len;
-  P.causal_offset = p.causal_offset;
-  P.tile_rows = tile_rows;
-  P.key_lengths = p.key_lengths;
-  switch (pat.kind) {
-    case AttnPatternKind::kDense: P.tiles = ceil_div(p.q_len, tile_rows); break;
-    case AttnPatternKind::kLocal1d: {
-      P.L = pat.block;
-      P.fw1 = pat.filter_width;
-      P.blo = P.offset / P.L;
-      const int64_t bhi = (P.offset + P.nq - 1) / P.L;
-      P.slots = ceil_div(std::min(P.L, P.nq), tile_rows);
-      P.tiles = (bhi - P.blo + 1) * P.slots;
-      break;
-    }
-    case AttnPatternKind::kLocal2d: {
-      P.H = pat.height;
-      P.W = pat.width;
-      P.qh = pat.query_h;
-      P.qw = pat.query_w;
-      P.fh = pat.flange_h;
-      P.fw = pat.flange_w;
-      const int64_t row_lo = P.offset / P.W, row_hi = (P.offset + P.nq - 1) / P.W;
-      P.trlo = row_lo / P.qh;
-      const int64_t trhi = std::min(row_hi, P.H - 1) / P.qh;
-      P.ntc = ceil_div(P.W, P.qw);
-      // A tile holds at most min(its pixels, q_len) queries (the CPU loops while s * rows < count).
-      P.subs = ceil_div(std::min(std::min(P.qh, P.H) * std::min(P.qw, P.W), P.nq), tile_rows);
-      P.tiles = (trhi - P.trlo + 1) * P.ntc * P.subs;
-      break;
-    }
-  }
-  return P;
-}
-
 MaskArgs make_mask(const AttnMask& m) {
   MaskArgs a;
   a.data = m.data;

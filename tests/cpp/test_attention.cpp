@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "attention/attention_plan_device.h"
 #include "check.h"
 #include "common/cpu_features.h"
 #include "imgtx/attention.h"
@@ -153,6 +154,59 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa) {
         isa + " " + c.name + ": gradients (err " + std::to_string(err_g) + ")");
 }
 
+imgtx::AttnParams plan_params(const Case& c, const std::vector<int64_t>& len) {
+  imgtx::AttnParams p;
+  p.batch = c.B; p.heads = c.H; p.kv_heads = c.Hkv; p.q_len = c.Nq; p.k_len = c.Nk;
+  p.head_dim = c.D; p.v_dim = c.Dv;
+  p.causal = c.causal;
+  p.causal_offset = c.Nk - c.Nq;
+  p.key_lengths = c.key_lengths ? len.data() : nullptr;
+  p.pattern = c.pattern;
+  return p;
+}
+
+// The CUDA kernels' plan (attention_plan_device.h), evaluated on the CPU: every query row in
+// exactly one tile, no key twice in a tile, and the visible (query, key) pairs exactly the spec's.
+void test_device_plan(const Case& c, std::mt19937& rng, int64_t tile_rows) {
+  using namespace imgtx::attn_cuda;
+  std::vector<int64_t> len(size_t(c.B));
+  for (int64_t b = 0; b < c.B; ++b) len[size_t(b)] = int64_t(rng() % uint32_t(c.Nk + 1));
+  const imgtx::AttnParams p = plan_params(c, len);
+  const DevPlan P = make_plan(p, tile_rows);
+  bool ok = true;
+  for (int64_t b = 0; b < c.B && ok; ++b) {
+    std::vector<int> seen(size_t(c.Nq), 0);
+    std::vector<char> vis(size_t(c.Nq * c.Nk), 0);
+    for (int64_t t = 0; t < P.tiles; ++t) {
+      Tile T;
+      if (!make_tile(P, t, b, T)) continue;
+      std::vector<int64_t> rows(size_t(T.n));
+      std::vector<int> qpos(size_t(T.n));
+      for (int k = 0; k < T.n; ++k) {
+        tile_row(P, T, k, rows[size_t(k)], qpos[size_t(k)]);
+        if (rows[size_t(k)] < 0 || rows[size_t(k)] >= c.Nq) { ok = false; break; }
+        ++seen[size_t(rows[size_t(k)])];
+      }
+      std::vector<char> key_seen(size_t(c.Nk), 0);
+      const int64_t total = total_keys(P, T);
+      for (int64_t d = 0; d < total && ok; ++d) {
+        int row = -1, kpos = 0;
+        key_at(P, T, 0, 0, d, row, kpos);
+        if (row < 0 || row >= c.Nk || key_seen[size_t(row)]++) { ok = false; break; }
+        for (int k = 0; k < T.n; ++k)
+          if (kpos == kPlainKey || kpos <= qpos[size_t(k)])
+            vis[size_t(rows[size_t(k)] * c.Nk + row)] = 1;
+      }
+    }
+    for (int64_t i = 0; i < c.Nq && ok; ++i) {
+      ok = seen[size_t(i)] == 1;
+      for (int64_t j = 0; j < c.Nk && ok; ++j)
+        ok = (vis[size_t(i * c.Nk + j)] != 0) == visible(c, b, i, j, len);
+    }
+  }
+  check(ok, "device plan (tile rows " + std::to_string(tile_rows) + "): " + c.name);
+}
+
 void test_bad_arguments() {
   imgtx::AttnForwardParams p;
   p.batch = 1; p.heads = 3; p.kv_heads = 2; p.q_len = 4; p.k_len = 4; p.head_dim = 8; p.v_dim = 8;
@@ -188,5 +242,25 @@ void run_attention_tests() {
   imgtx_test::for_each_cpu_isa([&](const std::string& name) {
     for (const Case& c : cases) run_case(c, rng, name);
   });
+  // The CUDA plan on odd geometries: KV-cache offsets that are not multiples of the block,
+  // partial image tiles, tiles larger than a CTA (chunks), 1-pixel images, flange 0.
+  std::vector<Case> plans = cases;
+  imgtx::AttnPattern a = l1;
+  a.causal = true; a.filter_width = 0; a.block = 7;
+  plans.push_back({"local1d block 7 kv-cache", 2, 1, 1, 19, 40, 8, 8, a, false, true});
+  a.block = 100;
+  plans.push_back({"local1d block 100", 1, 1, 1, 250, 250, 8, 8, a, false, true});
+  imgtx::AttnPattern b2 = l2;
+  b2.causal = true; b2.height = 20; b2.width = 20; b2.query_h = 16; b2.query_w = 16;
+  b2.flange_h = 0; b2.flange_w = 5;
+  plans.push_back({"local2d 16x16 tiles, chunks", 1, 1, 1, 400, 400, 8, 8, b2, false, true});
+  plans.push_back({"local2d decode chunk", 1, 1, 1, 5, 237, 8, 8, b2, false, false});
+  b2.causal = false;
+  plans.push_back({"local2d window 16x16", 1, 1, 1, 400, 400, 8, 8, b2, false, true});
+  b2.height = 1; b2.width = 1; b2.causal = true;
+  plans.push_back({"local2d 1 pixel", 1, 1, 1, 1, 1, 8, 8, b2, false, false});
+  plans.push_back({"dense causal cross", 2, 1, 1, 70, 30, 8, 8, {}, true, true});
+  for (const Case& c : plans)
+    for (int64_t rows : {64, 4, 3}) test_device_plan(c, rng, rows);
   test_bad_arguments();
 }
