@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
+from .._backend import get_backend
 from .._dtypes import float_code
 from ..patterns import Local1d, Local2d
 from ..reference import attention as _reference
@@ -350,6 +351,11 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, *, causal_offset: Optional[int
         key_lengths = key_lengths.to(torch.int64).contiguous()
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     offset = _NO_CAUSAL if causal_offset is None else causal_offset
+    if get_backend() == "reference":  # the plain-PyTorch twin (dense mask), differentiable
+        out, lse = _reference.attention(q, k, v, key_lengths=key_lengths,
+                                        attn_mask=_reference_mask(q, k, attn_mask, offset),
+                                        pattern=pattern, scale=scale, return_lse=True)
+        return out, lse.float()
     args = (q, k, v, key_lengths, attn_mask, pattern_args(pattern), offset, scale)
     if _eager_fast_path(q, k, v, key_lengths, attn_mask):
         return _forward_impl(*args)
