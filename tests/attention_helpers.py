@@ -29,7 +29,7 @@ import zlib
 import torch
 
 from imgtx_fast import attention
-from imgtx_fast.ops.attention import attention_op
+from imgtx_fast.ops.fused_attention import attention_op
 from imgtx_fast.reference import attention as ref
 
 LSE_EMPTY = ref.LSE_EMPTY

@@ -1,6 +1,5 @@
 """Fused attention (imgtx_fast.attention, attention_op, torch.ops.imgtx.attention_forward /
 attention_backward) against the float64 reference; tolerances: tests/attention_helpers.py."""
-import importlib
 import math
 
 import pytest
@@ -9,12 +8,11 @@ import torch
 from attention_helpers import (LSE_EMPTY, assert_within, check_outputs, gen_for, grad_tolerance,
                                logit_bound, make_mask, make_qkv, oracle, oracle_grads, randn,
                                run_backward, run_forward, spec_visible, visibility)
+import imgtx_fast.ops.fused_attention as attention_ops
 from imgtx_fast import Local1d, Local2d, attention
-from imgtx_fast.ops.attention import attention_op
+from imgtx_fast.ops.fused_attention import attention_op
 from imgtx_fast.reference import attention as ref
 
-# the package re-exports the function `attention` over the submodule's name
-attention_ops = importlib.import_module("imgtx_fast.ops.attention")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 _NO_CAUSAL = attention_ops._NO_CAUSAL
 

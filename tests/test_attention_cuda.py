@@ -13,7 +13,7 @@ import torch
 
 from attention_helpers import HALF_EPS, gen_for, make_mask, make_qkv, randn
 from imgtx_fast import Local1d, Local2d, attention
-from imgtx_fast.ops.attention import attention_op, cuda_kernels_enabled
+from imgtx_fast.ops.fused_attention import attention_op, cuda_kernels_enabled
 from imgtx_fast.reference import attention as ref
 
 pytestmark = pytest.mark.gpu

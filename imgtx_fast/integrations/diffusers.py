@@ -36,7 +36,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 
 from ..diffusion import MaskAndReplaceSchedule, posterior_sample
 from ..nn._masks import key_lengths_from_mask
-from ..ops.attention import attention_op
+from ..ops.fused_attention import attention_op
 
 # The pipeline class imports transformers (CLIP); the scheduler does not need it.
 _VQDiffusionPipeline = None

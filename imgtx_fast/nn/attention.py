@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._dtypes import FLOAT_CODES
-from ..ops.attention import attention_op
+from ..ops.fused_attention import attention_op
 from ._masks import key_lengths_from_mask
 from .functional import warn_fallback
 from .local_attention import KVCache, LocalAttention1d, LocalAttention2d

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._dtypes import FLOAT_CODES
-from ..ops.attention import attention_op
+from ..ops.fused_attention import attention_op
 
 __all__ = ["scaled_dot_product_attention"]
 

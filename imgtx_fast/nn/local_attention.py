@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..ops.attention import attention
+from ..ops.fused_attention import attention
 from ..patterns import Local1d, Local2d
 
 __all__ = ["KVCache", "LocalAttention1d", "LocalAttention2d"]

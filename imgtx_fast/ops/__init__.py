@@ -1,6 +1,6 @@
 """torch.library definitions of the compiled ops (namespace `imgtx`)."""
 from . import diffusion
-from .attention import attention, attention_op
+from .fused_attention import attention, attention_op
 from .codebook import CodebookLookup, codebook_lookup
 
 __all__ = ["attention", "attention_op", "CodebookLookup", "codebook_lookup"]
