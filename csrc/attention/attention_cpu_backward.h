@@ -156,9 +156,9 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
           const int64_t cpad = round_up(count, Shape<W>::kRowAlign);
           float* st = s.st.data();
           float* dpt = s.dpt.data();
-          panels_times_lanes<W>(s.kp.data(), dp, cpad, s.qt.data() + i * dp * kLanes, st);
+          panels_times_lanes<W>(s.kp.data(), dp, count, s.qt.data() + i * dp * kLanes, st);
           if (vis == Visibility::kPartial) apply_masks<W>(p, b, h, blk, count, sub, st);
-          panels_times_lanes<W>(s.vp.data(), dvp, cpad, s.dot.data() + i * dvp * kLanes, dpt);
+          panels_times_lanes<W>(s.vp.data(), dvp, count, s.dot.data() + i * dvp * kLanes, dpt);
           F lse[V], delta[V];
           for (int v = 0; v < V; ++v) {
             lse[v] = simd::load<W>(s.lse.data() + i * kLanes + v * W);

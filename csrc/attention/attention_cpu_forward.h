@@ -133,7 +133,7 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
         }
         const int64_t count = visible_prefix(blk, sub);
         float* st = s.st.data();
-        panels_times_lanes<W>(s.kp.data(), dp, round_up(count, P), s.qt.data() + i * dp * kLanes, st);
+        panels_times_lanes<W>(s.kp.data(), dp, count, s.qt.data() + i * dp * kLanes, st);
         if (vis == Visibility::kPartial) apply_masks<W>(p, b, h, blk, count, sub, st);
         float* o = s.o.data() + i * kLanes * dvp;
         const bool rescale = softmax_block<W>(st, count, s.m.data() + i * kLanes,

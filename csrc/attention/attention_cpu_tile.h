@@ -306,17 +306,25 @@ void rows_times_matrix(int64_t kdim, const float* a, const float* bmat, int64_t 
   }
 }
 
-// st[j][lane] = sum_d panel(j, d) * bt[d][lane] for the block's padded keys: S^T = K Q^T and
-// dP^T = V dO^T.
+// st[j][lane] = sum_d panel(j, d) * bt[d][lane] for keys j < count (rows up to the next third
+// of a panel are written too): S^T = K Q^T and dP^T = V dO^T. The last, partial panel runs a
+// shorter micro-kernel (a third, two thirds or all of its rows): short key lists (77 padded
+// keys of cross attention) otherwise spend up to a panel of work on padding.
 template <int W>
-void panels_times_lanes(const float* kp, int64_t dp, int64_t padded_count, const float* bt,
-                        float* st) {
-  constexpr int P = Shape<W>::kPanel;
-  for (int64_t j0 = 0; j0 < padded_count; j0 += P) {
+void panels_times_lanes(const float* kp, int64_t dp, int64_t count, const float* bt, float* st) {
+  constexpr int P = Shape<W>::kPanel, T = P / 3;
+  for (int64_t j0 = 0; j0 < count; j0 += P) {
     const float* panel = kp + (j0 / P) * dp * P;
-    for (int l0 = 0; l0 < kLanes; l0 += 2 * W)
-      attn_mm::mm<W, P, 2, P, 1, false>(dp, panel, bt + l0, kLanes, st + j0 * kLanes + l0,
-                                        kLanes);
+    const int64_t rows = std::min<int64_t>(P, count - j0);
+    for (int l0 = 0; l0 < kLanes; l0 += 2 * W) {
+      float* c = st + j0 * kLanes + l0;
+      if (rows > 2 * T)
+        attn_mm::mm<W, P, 2, P, 1, false>(dp, panel, bt + l0, kLanes, c, kLanes);
+      else if (rows > T)
+        attn_mm::mm<W, 2 * T, 2, P, 1, false>(dp, panel, bt + l0, kLanes, c, kLanes);
+      else
+        attn_mm::mm<W, T, 2, P, 1, false>(dp, panel, bt + l0, kLanes, c, kLanes);
+    }
   }
 }
 
