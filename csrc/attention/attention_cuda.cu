@@ -163,14 +163,53 @@ void check_ctas(int64_t ctas) {
   if (ctas >= (int64_t(1) << 31)) fail("problem too large for one launch (2^31 CTAs)");
 }
 
+// validate() range-checks key_lengths by reading it on the host, but here it is a DEVICE
+// pointer (dereferencing it on the host crashes, and copying it back would synchronise).
+// Validate everything else; the kernels clip key_lengths[b] to k_len (make_tile) and a
+// negative length gives empty key segments, i.e. no visible key.
+void validate_device_params(const AttnParams& p) {
+  AttnParams host = p;  // slices off the forward/backward parts (validate only reads these)
+  host.key_lengths = nullptr;
+  validate(host);
+}
+
 }  // namespace
 }  // namespace attn_cuda
 
 using namespace attn_cuda;
 
+namespace {
+
+// Shared memory both passes need at head dim d (the backward's is the larger).
+int smem_needed(int64_t d) {
+  using namespace attn_cuda;
+  switch (d) {
+    case 32: return std::max(fwd_smem_bytes<32>(), bwd_smem_bytes<32>());
+    case 64: return std::max(fwd_smem_bytes<64>(), bwd_smem_bytes<64>());
+    case 96: return std::max(fwd_smem_bytes<96>(), bwd_smem_bytes<96>());
+    default: return std::max(fwd_smem_bytes<128>(), bwd_smem_bytes<128>());
+  }
+}
+
+// The current device's opt-in shared memory per block: 227 KB on A100/H100, but 99 KB on
+// sm_86/sm_89 cards (RTX 30xx/40xx, A10, L4, L40), which the 80-real build also runs on and
+// where the D = 128 backward (125 KB) cannot launch. Such calls take the torch path instead.
+int device_smem_optin() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();  // clear: the caller falls back
+    return 0;
+  }
+  return bytes;
+}
+
+}  // namespace
+
 bool attention_cuda_supported(const AttnParams& p) {
   if (p.q.dtype != DType::kFloat16 && p.q.dtype != DType::kBFloat16) return false;
   if (p.head_dim != p.v_dim || !dims_supported(p.head_dim)) return false;
+  if (smem_needed(p.head_dim) > device_smem_optin()) return false;
   if (p.mask.kind == AttnMaskKind::kAdditive && p.mask.dtype != DType::kFloat32 &&
       p.mask.dtype != DType::kFloat16 && p.mask.dtype != DType::kBFloat16)
     return false;
@@ -178,13 +217,13 @@ bool attention_cuda_supported(const AttnParams& p) {
 }
 
 size_t attention_forward_cuda_workspace_size(const AttnForwardParams& p) {
-  validate(p);
+  validate_device_params(p);
   if (!attention_cuda_supported(p) || p.batch * p.heads * p.q_len == 0) return 0;
   return fwd_config(p).workspace;
 }
 
 void attention_forward_cuda(const AttnForwardParams& p, void* workspace, void* stream) {
-  validate(p);
+  validate_device_params(p);
   if (!attention_cuda_supported(p))
     fail("unsupported call (needs fp16/bf16 and head_dim == v_dim in {32, 64, 96, 128})");
   if (p.batch * p.heads * p.q_len == 0) return;
@@ -231,14 +270,14 @@ void attention_forward_cuda(const AttnForwardParams& p, void* workspace, void* s
 }
 
 size_t attention_backward_cuda_workspace_size(const AttnBackwardParams& p) {
-  validate(p);
+  validate_device_params(p);
   if (!attention_cuda_supported(p)) return 0;
   const size_t acc = size_t(p.batch * p.kv_heads * p.k_len * p.head_dim) * sizeof(float);
   return 2 * align256(acc);
 }
 
 void attention_backward_cuda(const AttnBackwardParams& p, void* workspace, void* stream) {
-  validate(p);
+  validate_device_params(p);
   if (!attention_cuda_supported(p))
     fail("unsupported call (needs fp16/bf16 and head_dim == v_dim in {32, 64, 96, 128})");
   if (p.batch * p.heads * p.q_len == 0 || p.k_len == 0)

@@ -26,12 +26,6 @@
 namespace imgtx {
 namespace attn_cuda {
 
-template <int D>
-constexpr int bwd_smem_bytes() {
-  return (2 * kBM + 4 * kBN) * (D + 8) * 2 + 2 * kBM * (kBN + 8) * 2 + (4 * kBN + 2 * kBM) * 4 +
-         2 * kBM * 4;
-}
-
 template <int D, class T>
 __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const BwdArgs a) {
   static_assert(D % 16 == 0 && D <= 128, "head dim");

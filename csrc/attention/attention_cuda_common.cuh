@@ -37,6 +37,17 @@ constexpr int kDecodeMaxQueries = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// ---- shared memory per CTA (the smem layouts are described in the kernels' files) ----------
+template <int D>
+constexpr int fwd_smem_bytes() {
+  return (kBM + 4 * kBN) * (D + 8) * 2 + (4 * kBN + 3 * kBM) * 4;
+}
+template <int D>
+constexpr int bwd_smem_bytes() {
+  return (2 * kBM + 4 * kBN) * (D + 8) * 2 + 2 * kBM * (kBN + 8) * 2 + (4 * kBN + 2 * kBM) * 4 +
+         2 * kBM * 4;
+}
+
 // ---- mask ---------------------------------------------------------------------------------
 struct MaskArgs {
   const void* data = nullptr;

@@ -25,11 +25,6 @@
 namespace imgtx {
 namespace attn_cuda {
 
-template <int D>
-constexpr int fwd_smem_bytes() {
-  return (kBM + 4 * kBN) * (D + 8) * 2 + (4 * kBN + 3 * kBM) * 4;
-}
-
 template <int D, class T>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdArgs a) {
   static_assert(D % 16 == 0 && D <= 128, "head dim");
