@@ -305,8 +305,9 @@ def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
             raise ValueError(f"{_OP}: key_lengths must have shape ({B},), got {tuple(key_lengths.shape)}")
         if key_lengths.device != q.device:
             raise ValueError(f"{_OP}: key_lengths is on {key_lengths.device}, q on {q.device}")
-        # Values are data: read them in eager mode only (the kernel checks them again).
-        if (not torch.compiler.is_compiling() and key_lengths.numel()
+        # Values are data: read them in eager mode on the CPU only (the CPU kernel checks them
+        # again; on CUDA a read would synchronise every call, and the kernels clamp them).
+        if (key_lengths.device.type == "cpu" and not torch.compiler.is_compiling() and key_lengths.numel()
                 and (int(key_lengths.min()) < 0 or int(key_lengths.max()) > Nk)):
             raise ValueError(f"{_OP}: key_lengths must be in [0, {Nk}], got values in "
                              f"[{int(key_lengths.min())}, {int(key_lengths.max())}]")
