@@ -6,13 +6,12 @@ opt-in until verified (IMGTX_FAST_CUDA_ATTENTION=1, set here).
 Bars on an H100 (issue 5): dense forward >= 0.7x SDPA's default backend; local 1D and 2D >= 4x
 SDPA with the dense mask. TFLOP/s counts visible (query, key) pairs: 4 * pairs * D forward,
 3.5x that for forward + backward."""
-import os
-import statistics
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cuda_timing import time_cuda
 from imgtx_fast import Local1d, Local2d, _C, attention
 from imgtx_fast.reference.attention import visible_mask
 
@@ -34,19 +33,6 @@ CASES = {  # id: (kwargs of ours, bar vs SDPA default, bar vs SDPA with the dens
     "local1d": (dict(pattern=Local1d(256)), None, 4.0),
     "local2d": (dict(pattern=Local2d(64, 64, (8, 16), (8, 16))), None, 4.0),
 }
-
-
-def _time_cuda(fn, rounds=20):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    times = []
-    for _ in range(rounds):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
@@ -82,7 +68,7 @@ def test_gpu_attention(benchmark, bench_results, case, backward, monkeypatch):
                 causal=case == "causal"))
     impls["sdpa_dense_mask"] = run(lambda q_, k_, v_: F.scaled_dot_product_attention(
         q_, k_, v_, attn_mask=mask))
-    ms = benchmark.pedantic(lambda: {n: _time_cuda(f) for n, f in impls.items()},
+    ms = benchmark.pedantic(lambda: {n: time_cuda(f) for n, f in impls.items()},
                             rounds=1, iterations=1, warmup_rounds=0)
     flop = 4 * pairs * D * (3.5 if backward else 1.0)
     tflops = {n: flop / (t * 1e-3) / 1e12 for n, t in ms.items()}

@@ -2,11 +2,11 @@
 pipeline's guidance + truncation sequence) vs one read pass, in one interleaved run.
 Marked `gpu`; run by scripts/device_check.sh. The kernels are memory-bound: GB/s of logits
 read is reported next to the read pass's."""
-import statistics
 
 import pytest
 import torch
 
+from cuda_timing import time_cuda
 from imgtx_fast import _C
 from imgtx_fast.diffusion import MaskAndReplaceSchedule, posterior_sample
 
@@ -25,19 +25,6 @@ except Exception:  # pragma: no cover - optional peer
 CASES = [(1, 4096, 1024), (4, 4096, 1024), (8, 1024, 256), (32, 4096, 1024)]
 
 
-def _time_cuda(fn, rounds=20):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    times = []
-    for _ in range(rounds):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 @pytest.mark.parametrize("guided", [False, True], ids=["step", "guided_truncated_step"])
 def test_gpu_posterior_step(benchmark, bench_results, guided):
     benchmark.group = "diffusion step (GPU)"
@@ -51,8 +38,8 @@ def test_gpu_posterior_step(benchmark, bench_results, guided):
             unc = (torch.randn(B, K, N, device="cuda") * 3).log_softmax(1)
             x_t = torch.randint(0, K + 1, (B, N), device="cuda")
             kw = dict(truncation_rate=0.86, guidance_scale=5.0, log_p_x0_uncond=unc) if guided else {}
-            ms = {"imgtx_fast": _time_cuda(lambda: posterior_sample(cond, x_t, 50, sched, g, **kw)),
-                  "read_pass": _time_cuda(lambda: cond.amax(1))}
+            ms = {"imgtx_fast": time_cuda(lambda: posterior_sample(cond, x_t, 50, sched, g, **kw)),
+                  "read_pass": time_cuda(lambda: cond.amax(1))}
             if VQDiffusionScheduler is not None:
                 stock = VQDiffusionScheduler(num_vec_classes=K + 1, num_train_timesteps=100)
                 stock.set_timesteps(100, device="cuda")  # moves its tables to the GPU
@@ -64,7 +51,7 @@ def test_gpu_posterior_step(benchmark, bench_results, guided):
                         mo -= torch.logsumexp(mo, dim=1, keepdim=True)
                         mo = VQDiffusionPipeline.truncate(None, mo, 0.86).clamp(-70)
                     return stock.step(mo, 50, x_t, generator=g).prev_sample
-                ms["diffusers"] = _time_cuda(peer, rounds=5)
+                ms["diffusers"] = time_cuda(peer, rounds=5)
             out[(B, K, N)] = ms
         return out
 
