@@ -1,4 +1,4 @@
-"""python -m imgtx_fast info | demo | bench"""
+"""python -m imgtx_fast info | demo [--kernels] | bench"""
 import argparse
 import os
 import platform
@@ -124,16 +124,37 @@ def demo_attention(b: int = 1, h: int = 8, n: int = 4096, d: int = 64) -> None:
     print(f"  causal dense: imgtx_fast {ours * 1e3:.1f} ms, torch SDPA {theirs * 1e3:.1f} ms")
 
 
+def run_demo(argv) -> int:
+    """`demo [--out DIR] [--train] [--data PATH] ...`: the VQ-VAE + VQ-Diffusion demo
+    (imgtx_fast.demo); `demo --kernels`: the kernel demos (codebook, diffusion step, attention)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m imgtx_fast demo",
+        description="Class-conditional VQ-VAE + VQ-Diffusion on the built-in digits (or --data): "
+                    "sample a grid, time the fast against the reference backend, measure quality.")
+    parser.add_argument("--kernels", action="store_true",
+                        help="run the kernel demos instead (codebook lookup, diffusion step, attention)")
+    from imgtx_fast import demo as _demo
+
+    _demo.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.kernels:
+        demo()
+        demo_diffusion()
+        demo_attention()
+        return 0
+    _demo.run(args)
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "demo":
+        return run_demo(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m imgtx_fast")
     parser.add_argument("command", choices=["info", "demo", "bench"], nargs="?", default="info")
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
-    elif args.command == "demo":
-        demo()
-        demo_diffusion()
-        demo_attention()
     else:
         import pytest
 
