@@ -58,6 +58,8 @@ class BenchResults:
     attention_ceiling: Optional[dict] = None  # {"size": M, "gflops": float, "rounds": int}
     attention_memory: Optional[dict] = None   # extra_info of test_attention_peak_memory
     attention_stream: Optional[dict] = None   # {"mib", "gbps", "rounds"}: torch.sum read rate
+    # test_end_to_end.py: ("sampling" | "train", model) -> {"ratio", "bar", ...; train: "peak_mib"}
+    end_to_end: Dict[tuple, dict] = field(default_factory=dict)
 
 
 SETTINGS_KEY = pytest.StashKey[BenchSettings]()
@@ -135,6 +137,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     _write_diffusion(tr, results, settings)
     _write_attention(tr, results, settings)
+    _write_end_to_end(tr, results, settings)
     title = "imgtx_fast codebook_lookup summary"
     if not settings.timing:
         tr.write_sep("-", title)
@@ -275,6 +278,58 @@ def _write_attention(tr, results, settings):
         tr.write_line(f"  for scale: dense (N, N) bool mask N^2 = {m['dense_mask_mib']:.1f} MiB, one fp32 "
                       f"(B, H, N, N) score tensor = {m['scores_fp32_mib']:.0f} MiB, output "
                       f"{m['output_mib']:.1f} MiB (included in every figure)")
+
+
+def _write_end_to_end(tr, results, settings):
+    if not results.end_to_end:
+        return
+    tr.write_sep("-", "imgtx_fast end to end (VQ-Diffusion) summary")
+    if settings.timing:
+        tr.write_line(f"CPU fp32, threads={settings.threads}, mode={settings.mode}; same weights on the fast "
+                      "and the reference backend, timed round-robin in one run; ratio = reference / fast")
+    else:
+        tr.write_line(f"smoke (--benchmark-disable): tiny configs, each call once, threads={settings.threads}; "
+                      "numbers are not meaningful and bars are not judged")
+
+    def verdict(ok):
+        return "-" if not settings.timing else "met" if ok else "MISSED"
+
+    judged, missed = 0, []
+    for (what, name), r in sorted(results.end_to_end.items()):
+        if what == "sampling":
+            s = r["s_per_100"]
+            how = ("" if r["timed_steps"] == r["steps"]
+                   else f" (x{r['steps'] // r['timed_steps'] if r['steps'] % r['timed_steps'] == 0 else r['steps'] / r['timed_steps']:g}"
+                        f" from {r['timed_steps']} timed step{'s' if r['timed_steps'] > 1 else ''})")
+            v = verdict(r["ratio"] >= r["bar"])
+            tr.write_line(f"sampling {name:<5} {r['shape']}, {r['what']}, {r['steps']} steps{how}: "
+                          f"fast {s['fast']:.2f} s, reference {s['reference']:.2f} s, {r['ratio']:.2f}x "
+                          f"(bar >={r['bar']:g}x {v}; rounds {r['rounds']})")
+            judged += 1
+            if v == "MISSED":
+                missed.append(f"sampling {name} {r['ratio']:.2f}x")
+        else:
+            if "ms" in r:
+                v = verdict(r["ratio"] >= r["bar"])
+                tr.write_line(f"train    {name:<5} {r['shape']}, batch {r['batch']}, fwd+bwd: fast "
+                              f"{r['ms']['fast']:.1f} ms, reference {r['ms']['reference']:.1f} ms, "
+                              f"{r['ratio']:.2f}x (bar >={r['bar']:g}x {v}; rounds {r['rounds']})")
+                judged += 1
+                if v == "MISSED":
+                    missed.append(f"train {name} {r['ratio']:.2f}x")
+            if "peak_mib" in r:
+                p = r["peak_mib"]
+                v = verdict(p["fast"] < p["reference"])
+                note = "" if r["hwm_reset"] else " (VmHWM not resettable: lower bound)"
+                tr.write_line(f"memory   {name:<5} peak extra RSS of one training step (batch {r['mem_batch']}, "
+                              f"fresh process each): fast {p['fast']:.1f} MiB, reference "
+                              f"{p['reference']:.1f} MiB (bar fast < reference {v}){note}")
+                judged += 1
+                if v == "MISSED":
+                    missed.append(f"memory {name}")
+    if settings.timing:
+        tr.write_line(f"bars met: {judged - len(missed)}/{judged}"
+                      + (f"; missed: {'; '.join(missed)}" if missed else ""))
 
 
 def _write_gpu(tr, results):

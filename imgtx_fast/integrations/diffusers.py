@@ -3,6 +3,7 @@
     from imgtx_fast.integrations.diffusers import FastVQDiffusionScheduler, fast_pipeline
     pipe.scheduler = FastVQDiffusionScheduler.from_config(pipe.scheduler.config)  # step() is fused
     pipe = fast_pipeline(pipe)      # also fuses guidance + renormalise + truncate + step per step
+    pipe = accelerate(pipe)         # in place: fast scheduler + fused attention in the transformer
 
 `FastVQDiffusionScheduler.step` samples the same distribution as `VQDiffusionScheduler.step`
 with one pass of `imgtx_fast.diffusion.posterior_sample` instead of several full-size
@@ -49,8 +50,8 @@ for _path in ("diffusers.pipelines.deprecated.vq_diffusion.pipeline_vq_diffusion
     except ImportError as _e:  # transformers missing, or another diffusers layout
         _PIPELINE_IMPORT_ERROR = _PIPELINE_IMPORT_ERROR or _e
 
-__all__ = ["FastVQDiffusionScheduler", "FusedAttnProcessor", "fast_pipeline", "use_fast_scheduler",
-           "use_fused_attention"]
+__all__ = ["FastVQDiffusionScheduler", "FusedAttnProcessor", "accelerate", "fast_pipeline",
+           "use_fast_scheduler", "use_fused_attention"]
 if _VQDiffusionPipeline is not None:
     __all__.append("FastVQDiffusionPipeline")
 
@@ -378,3 +379,34 @@ def use_fused_attention(model, mask_to_lengths: bool = True):
         if isinstance(module, Attention):
             module.set_processor(processor)
     return model
+
+
+def accelerate(pipe, mask_to_lengths: bool = True):
+    """Put imgtx_fast into a diffusers `VQDiffusionPipeline`, in place; returns `pipe`.
+
+        pipe = VQDiffusionPipeline.from_pretrained("microsoft/vq-diffusion-ithq")
+        pipe = accelerate(pipe)
+        images = pipe("a teddy bear", generator=torch.Generator().manual_seed(0)).images
+
+    - `pipe.scheduler` becomes a FastVQDiffusionScheduler with the same config (its `step` is
+      one fused kernel call);
+    - every diffusers `Attention` of `pipe.transformer` (self- and cross-attention of each
+      block) gets one shared FusedAttnProcessor.
+
+    Nothing else changes: the text encoder (a transformers CLIPTextModel, run once per prompt,
+    not per step, and built on transformers' own attention) and the VQ-VAE decoder keep their
+    code, and the pipeline's `__call__` and outputs are diffusers'. Samples follow the same
+    distribution as before, not the same bits (different random streams). For the per-step
+    guidance + truncation fused into the step as well, use `fast_pipeline(pipe)` (a new
+    FastVQDiffusionPipeline); `accelerate` works on that one too.
+    """
+    for name in ("scheduler", "transformer"):
+        if getattr(pipe, name, None) is None:
+            raise TypeError(f"accelerate: expected a diffusers VQDiffusionPipeline (with `scheduler` "
+                            f"and `transformer`), got {type(pipe).__name__} without `{name}`")
+    if not isinstance(pipe.scheduler, VQDiffusionScheduler):
+        raise TypeError("accelerate: pipe.scheduler must be a VQDiffusionScheduler (the fast one "
+                        f"replaces it with the same config), got {type(pipe.scheduler).__name__}")
+    use_fast_scheduler(pipe)
+    use_fused_attention(pipe.transformer, mask_to_lengths=mask_to_lengths)
+    return pipe
