@@ -200,26 +200,10 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
       for (int64_t r = 0; r < rows; ++r)
         dot_rows<W>(s.q.data() + r * dp, s.kptr.data(), cnt, dp, blk.kpos.data(),
                     s.qpos[size_t(r)], s.s.data() + r * bk);
-      if (has_mask) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const AttnMask& m = p.mask;
-          const int esize = m.kind == AttnMaskKind::kBool ? 1 : dtype_size(m.dtype);
-          const char* base = static_cast<const char*>(m.data) +
-                             (b * m.stride_batch + s.head[size_t(r)] * m.stride_head +
-                              s.row[size_t(r)] * m.stride_q) * esize;
-          float* sr = s.s.data() + r * bk;
-          for (int64_t t = 0; t < cnt; ++t) {
-            const int64_t off = blk.row[size_t(t)] * m.stride_k;
-            if (m.kind == AttnMaskKind::kBool) {
-              if (!reinterpret_cast<const uint8_t*>(base)[off]) sr[t] = ninf;
-            } else {
-              float add;
-              load_strided_as_float(base, off, 1, 1, m.dtype, &add);
-              sr[t] += add;
-            }
-          }
-        }
-      }
+      if (has_mask)
+        for (int64_t r = 0; r < rows; ++r)
+          apply_mask_row(p.mask, b, s.head[size_t(r)], s.row[size_t(r)], blk, cnt,
+                         s.s.data() + r * bk, 1);
       // Online softmax per row; P overwrites S.
       for (int64_t r = 0; r < rows; ++r) {
         float* sr = s.s.data() + r * bk;

@@ -153,6 +153,28 @@ inline int64_t visible_prefix(const KeyBlock& blk, const Subtile& s) {
   return n;
 }
 
+// The user mask of query row `row` over the block's first `count` keys, applied to scores
+// s[t * stride]: bool -> -inf where false, additive -> added. Shared by the tiled kernels
+// (stride = kLanes, one lane) and the decode path (stride 1, one row).
+inline void apply_mask_row(const AttnMask& m, int64_t b, int64_t h, int64_t row,
+                           const KeyBlock& blk, int64_t count, float* s, int64_t stride) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int esize = m.kind == AttnMaskKind::kBool ? 1 : dtype_size(m.dtype);
+  const char* base = static_cast<const char*>(m.data) +
+                     (b * m.stride_batch + h * m.stride_head + row * m.stride_q) * esize;
+  if (m.kind == AttnMaskKind::kBool) {
+    const uint8_t* mb = reinterpret_cast<const uint8_t*>(base);
+    for (int64_t t = 0; t < count; ++t)
+      if (!mb[blk.row[size_t(t)] * m.stride_k]) s[t * stride] = ninf;
+  } else {
+    for (int64_t t = 0; t < count; ++t) {
+      float add;
+      load_strided_as_float(base, blk.row[size_t(t)] * m.stride_k, 1, 1, m.dtype, &add);
+      s[t * stride] += add;
+    }
+  }
+}
+
 // st[t][lane] = -inf where key t is invisible to the lane's query (causal rule), then the
 // mask (bool: -inf where false; additive: added) for every real lane.
 template <int W>
@@ -174,24 +196,9 @@ void apply_masks(const AttnParams& p, int64_t b, int64_t h, const KeyBlock& blk,
       }
     }
   }
-  const AttnMask& m = p.mask;
-  if (m.kind == AttnMaskKind::kNone) return;
-  const int esize = m.kind == AttnMaskKind::kBool ? 1 : dtype_size(m.dtype);
-  for (int l = 0; l < s.count; ++l) {
-    const char* base = static_cast<const char*>(m.data) +
-                       (b * m.stride_batch + h * m.stride_head + s.row[l] * m.stride_q) * esize;
-    if (m.kind == AttnMaskKind::kBool) {
-      const uint8_t* mb = reinterpret_cast<const uint8_t*>(base);
-      for (int64_t t = 0; t < count; ++t)
-        if (!mb[blk.row[size_t(t)] * m.stride_k]) st[t * kLanes + l] = ninf;
-    } else {
-      for (int64_t t = 0; t < count; ++t) {
-        float add;
-        load_strided_as_float(base, blk.row[size_t(t)] * m.stride_k, 1, 1, m.dtype, &add);
-        st[t * kLanes + l] += add;
-      }
-    }
-  }
+  if (p.mask.kind == AttnMaskKind::kNone) return;
+  for (int l = 0; l < s.count; ++l)
+    apply_mask_row(p.mask, b, h, s.row[l], blk, count, st + l, kLanes);
 }
 
 // K rows of the block in panel layout: kp[(t / P) * dp * P + d * P + t % P] (zero padding).

@@ -147,36 +147,26 @@ def _workspace(nbytes: int, device) -> Tensor:
 
 def _forward_impl(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale):
     _check_raw(q, key_lengths, attn_mask)
-    if q.device.type != "cpu":
-        q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
-        if not _use_cuda_kernel(q, k, v, key_lengths, attn_mask, pattern, causal_offset):
-            return _reference_forward(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale)
-        B, H, Nq, D = q.shape
-        out = q.new_empty((B, Nq, H, v.shape[3])).transpose(1, 2)
-        lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-        if out.numel() == 0:
-            return out, lse.fill_(_reference.LSE_EMPTY)
-        args = ((B, H, k.shape[1], Nq, k.shape[2], D, v.shape[3]), _tensor_arg(q, "q"),
-                _tensor_arg(k, "k"), _tensor_arg(v, "v"),
-                (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)), lse.data_ptr(),
-                float(scale), int(causal_offset), _mask_arg(attn_mask),
-                key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern))
-        with torch.cuda.device(q.device):
-            ws = _workspace(_C.attention_forward_cuda_workspace_size(*args), q.device)
-            _C.attention_forward_cuda(*args, ws.data_ptr(), cuda_stream(q))
-        return out, lse
-    B, H, Nq, _ = q.shape
-    Hkv, Nk, Dv = v.shape[1], v.shape[2], v.shape[3]
     q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+    on_cuda = q.device.type != "cpu"
+    if on_cuda and not _use_cuda_kernel(q, k, v, key_lengths, attn_mask, pattern, causal_offset):
+        return _reference_forward(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale)
+    B, H, Nq, D = q.shape
+    Hkv, Nk, Dv = v.shape[1], v.shape[2], v.shape[3]
     out = q.new_empty((B, Nq, H, Dv)).transpose(1, 2)  # (B, N, H, D) memory: what projections want
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(_reference.LSE_EMPTY)
-    _C.attention_forward_cpu(
-        (B, H, Hkv, Nq, Nk, q.shape[3], Dv), _tensor_arg(q, "q"), _tensor_arg(k, "k"),
-        _tensor_arg(v, "v"), (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
-        lse.data_ptr(), float(scale), int(causal_offset), _mask_arg(attn_mask),
-        key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern), num_threads())
+    args = ((B, H, Hkv, Nq, Nk, D, Dv), _tensor_arg(q, "q"), _tensor_arg(k, "k"),
+            _tensor_arg(v, "v"), (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
+            lse.data_ptr(), float(scale), int(causal_offset), _mask_arg(attn_mask),
+            key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern))
+    if on_cuda:
+        with torch.cuda.device(q.device):
+            ws = _workspace(_C.attention_forward_cuda_workspace_size(*args), q.device)
+            _C.attention_forward_cuda(*args, ws.data_ptr(), cuda_stream(q))
+    else:
+        _C.attention_forward_cpu(*args, num_threads())
     return out, lse
 
 
