@@ -4,8 +4,16 @@
     indices, quantized = codebook_lookup(z, codebook)
 
 The compiled core (imgtx_fast._C) does not link libtorch; ops are registered with
-torch.library under torch.ops.imgtx.*.
+torch.library under torch.ops.imgtx.*. Without torch, imgtx_fast.numpy and imgtx_fast.cupy
+run the same kernels on NumPy and CuPy arrays.
+
+Importing this package does not import torch: the torch-based names (codebook_lookup,
+attention, ...) and subpackages load on first use, so `import imgtx_fast.numpy` stays
+torch-free. When torch is already imported, the ops are registered right away, as before.
 """
+import importlib as _importlib
+import sys as _sys
+
 try:
     from . import _C
 except ImportError as e:  # pragma: no cover - depends on how the package was installed
@@ -18,7 +26,6 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
         "`pip install -e .`."
     ) from e
 from ._backend import backend, get_backend, set_backend
-from .ops import CodebookLookup, attention, codebook_lookup
 from .patterns import Local1d, Local2d
 
 __version__ = "0.1.0"
@@ -34,3 +41,26 @@ __all__ = [
     "set_backend",
     "__version__",
 ]
+
+# name -> the (torch-based) module that defines it, imported on first access
+_LAZY = {"CodebookLookup": "ops", "attention": "ops", "codebook_lookup": "ops"}
+_SUBMODULES = {"ops", "reference", "nn", "diffusion", "models", "integrations", "datasets",
+               "demo", "distributed", "numpy", "cupy"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return _importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
+
+
+if "torch" in _sys.modules:  # torch is loaded anyway: register torch.ops.imgtx.* now, as before
+    from . import ops as _ops  # noqa: F401
