@@ -58,8 +58,12 @@ class BenchResults:
     attention_ceiling: Optional[dict] = None  # {"size": M, "gflops": float, "rounds": int}
     attention_memory: Optional[dict] = None   # extra_info of test_attention_peak_memory
     attention_stream: Optional[dict] = None   # {"mib", "gbps", "rounds"}: torch.sum read rate
-    # test_end_to_end.py: ("sampling" | "train", model) -> {"ratio", "bar", ...; train: "peak_mib"}
+    # test_end_to_end.py, test_end_to_end_imagen.py: ("sampling" | "train", model) -> {"ratio",
+    # "bar", "s_total" (sampling), ...; train: "peak_mib"}
     end_to_end: Dict[tuple, dict] = field(default_factory=dict)
+    # test_end_to_end_image_transformer.py: (model, case, peer) -> {"shape", "fast_s", "peer_s",
+    # "ratio", "bar" (None: no bar), "note"}; one row each, written by _write_models
+    models: Dict[tuple, dict] = field(default_factory=dict)
 
 
 SETTINGS_KEY = pytest.StashKey[BenchSettings]()
@@ -138,6 +142,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _write_diffusion(tr, results, settings)
     _write_attention(tr, results, settings)
     _write_end_to_end(tr, results, settings)
+    _write_models(tr, results, settings)
     title = "imgtx_fast codebook_lookup summary"
     if not settings.timing:
         tr.write_sep("-", title)
@@ -283,7 +288,7 @@ def _write_attention(tr, results, settings):
 def _write_end_to_end(tr, results, settings):
     if not results.end_to_end:
         return
-    tr.write_sep("-", "imgtx_fast end to end (VQ-Diffusion) summary")
+    tr.write_sep("-", "imgtx_fast end to end summary (VQ-Diffusion, Imagen-style)")
     if settings.timing:
         tr.write_line(f"CPU fp32, threads={settings.threads}, mode={settings.mode}; same weights on the fast "
                       "and the reference backend, timed round-robin in one run; ratio = reference / fast")
@@ -297,7 +302,7 @@ def _write_end_to_end(tr, results, settings):
     judged, missed = 0, []
     for (what, name), r in sorted(results.end_to_end.items()):
         if what == "sampling":
-            s = r["s_per_100"]
+            s = r["s_total"]
             how = ("" if r["timed_steps"] == r["steps"]
                    else f" (x{r['steps'] // r['timed_steps'] if r['steps'] % r['timed_steps'] == 0 else r['steps'] / r['timed_steps']:g}"
                         f" from {r['timed_steps']} timed step{'s' if r['timed_steps'] > 1 else ''})")
@@ -330,6 +335,35 @@ def _write_end_to_end(tr, results, settings):
     if settings.timing:
         tr.write_line(f"bars met: {judged - len(missed)}/{judged}"
                       + (f"; missed: {'; '.join(missed)}" if missed else ""))
+
+
+def _write_models(tr, results, settings):
+    if not results.models:
+        return
+    tr.write_sep("-", "imgtx_fast model benchmarks summary")
+    tr.write_line(f"CPU fp32, threads={settings.threads}, mode={settings.mode}; same weights on the fast and "
+                  "the reference backend, timed round-robin in one run; ratio = peer / fast"
+                  + ("" if settings.timing else "; smoke: numbers not meaningful, bars not judged"))
+    judged, missed = 0, []
+    for (model, case, peer), r in sorted(results.models.items()):
+        bar = r.get("bar")
+        if bar is None or not settings.timing:
+            verdict = "" if bar is None else f" (bar >={bar:g}x -)"
+        else:
+            ok = r["ratio"] >= bar
+            verdict = f" (bar >={bar:g}x {'met' if ok else 'MISSED'})"
+            judged += 1
+            if not ok:
+                missed.append(f"{model} {case} vs {peer} {r['ratio']:.2f}x")
+        note = f"; {r['note']}" if r.get("note") else ""
+        tr.write_line(f"{model:<18} {case:<22} {r['shape']}: fast {_fmt_s(r['fast_s'])}, {peer} "
+                      f"{_fmt_s(r['peer_s'])}, {r['ratio']:.2f}x{verdict}{note}")
+    if settings.timing and judged:
+        tr.write_line(f"bars met: {judged - len(missed)}/{judged}" + (f"; missed: {'; '.join(missed)}" if missed else ""))
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def _write_gpu(tr, results):

@@ -238,7 +238,7 @@ def test_sampling(benchmark, bench_settings, bench_results, name):
     ratio = medians["reference"] / medians["fast"]
     _record(bench_results, ("sampling", name), shape=m.shape, batch=B, steps=STEPS,
             timed_steps=m.sample_steps, rounds=rounds, mode=bench_settings.mode,
-            s_per_100={be: v * STEPS for be, v in per_step.items()}, ratio=ratio, bar=SAMPLE_BAR,
+            s_total={be: v * STEPS for be, v in per_step.items()}, ratio=ratio, bar=SAMPLE_BAR,
             what=f"sample B={B} guidance={m.guidance:g} trunc={m.truncation}")
     benchmark.extra_info.update(shape=m.shape, batch=B, timed_steps=m.sample_steps, rounds=rounds,
                                 s_per_step={be: round(v, 4) for be, v in per_step.items()},

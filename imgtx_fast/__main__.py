@@ -124,25 +124,34 @@ def demo_attention(b: int = 1, h: int = 8, n: int = 4096, d: int = 64) -> None:
     print(f"  causal dense: imgtx_fast {ours * 1e3:.1f} ms, torch SDPA {theirs * 1e3:.1f} ms")
 
 
-def run_demo(argv) -> int:
-    """`demo [--out DIR] [--train] [--data PATH] ...`: the VQ-VAE + VQ-Diffusion demo
-    (imgtx_fast.demo); `demo --kernels`: the kernel demos (codebook, diffusion step, attention)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m imgtx_fast demo",
-        description="Class-conditional VQ-VAE + VQ-Diffusion on the built-in digits (or --data): "
-                    "sample a grid, time the fast against the reference backend, measure quality.")
-    parser.add_argument("--kernels", action="store_true",
-                        help="run the kernel demos instead (codebook lookup, diffusion step, attention)")
-    from imgtx_fast import demo as _demo
+_MODEL_DEMOS = {"vq-diffusion": "imgtx_fast.demo", "image-transformer": "imgtx_fast.demo_image_transformer",
+                "imagen": "imgtx_fast.demo_imagen"}
 
-    _demo.add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.kernels:
+
+def run_demo(argv) -> int:
+    """`demo [--model NAME] [...]`: a model demo (default the VQ-VAE + VQ-Diffusion one,
+    imgtx_fast.demo; `--model image-transformer | imagen` for the others, each with its own
+    options, see `demo --model NAME --help`); `demo --kernels`: the kernel demos (codebook,
+    diffusion step, attention)."""
+    import importlib
+
+    pick = argparse.ArgumentParser(add_help=False)
+    pick.add_argument("--model", choices=sorted(_MODEL_DEMOS), default="vq-diffusion")
+    pick.add_argument("--kernels", action="store_true")
+    known, rest = pick.parse_known_args(argv)
+    if known.kernels:
         demo()
         demo_diffusion()
         demo_attention()
         return 0
-    _demo.run(args)
+    module = importlib.import_module(_MODEL_DEMOS[known.model])
+    parser = argparse.ArgumentParser(
+        prog=f"python -m imgtx_fast demo --model {known.model}",
+        description="Sample a grid with a shipped model, time the fast against the reference backend, "
+                    "measure quality. Models: " + ", ".join(sorted(_MODEL_DEMOS)) + "; --kernels runs "
+                    "the kernel demos instead.")
+    module.add_arguments(parser)
+    module.run(parser.parse_args(rest))
     return 0
 
 

@@ -50,6 +50,10 @@ class KVCache:
         self.k: Optional[Tensor] = None
         self.v: Optional[Tensor] = None
         self.length = 0
+        # 2D layers: (tile, keys, values) of the query tile being generated -- its memory
+        # (flanges) gathered once, then its own pixels appended -- so a step reads the window
+        # as one contiguous prefix instead of gathering it from raster slots every time
+        self._window: Optional[Tuple[int, Tensor, Tensor]] = None
 
     def __repr__(self) -> str:
         capacity = 0 if self.k is None else self.k.shape[2]
@@ -57,6 +61,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self._window = None
 
     def _check(self, k: Tensor, v: Tensor) -> None:
         if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
@@ -75,6 +80,13 @@ class KVCache:
     def scatter(self, k: Tensor, v: Tensor, index: Tensor, size: int) -> None:
         """Store k, v (B, heads, n, head_dim) at slots `index` (n,) of a `size`-slot buffer
         (zero-filled on first use) and count n more positions."""
+        self.reserve(k, v, size)
+        self.store(k, v, index)
+        self.length += k.shape[2]
+
+    def reserve(self, k: Tensor, v: Tensor, size: int) -> None:
+        """Check that n = k.shape[2] more positions of this kind fit, and allocate the `size`
+        raster slots (zero-filled) on first use; counts nothing."""
         self._check(k, v)
         if self.max_length is not None and self.max_length < size:
             raise ValueError(f"KVCache: this layer needs {size} slots, max_length={self.max_length}")
@@ -83,9 +95,29 @@ class KVCache:
                 raise ValueError(f"KVCache: holds {self.length} positions of another layer kind")
             self.k = k.new_zeros(k.shape[:2] + (size, k.shape[3]))
             self.v = v.new_zeros(v.shape[:2] + (size, v.shape[3]))
+
+    def store(self, k: Tensor, v: Tensor, index: Tensor) -> None:
+        """Write k, v at raster slots `index` of the reserved buffer (counts nothing)."""
         self.k[:, :, index] = k
         self.v[:, :, index] = v
-        self.length += k.shape[2]
+
+    def window(self, tile: int, memory: Tensor, capacity: int) -> Tuple[Tensor, Tensor]:
+        """Buffers (B, heads, capacity, head_dim) for query tile `tile`: slots [0, len(memory))
+        hold the cached keys/values at raster slots `memory`, gathered when the tile changes;
+        the caller writes the tile's own pixels after them."""
+        if self._window is None or self._window[0] != tile:
+            old = self._window
+            if old is None or old[1].shape[2] < capacity:
+                kw = self.k.new_empty(self.k.shape[:2] + (capacity, self.k.shape[3]))
+                vw = self.v.new_empty(self.v.shape[:2] + (capacity, self.v.shape[3]))
+            else:
+                kw, vw = old[1], old[2]
+            m = memory.numel()
+            if m:
+                kw[:, :, :m].copy_(self.k.index_select(2, memory))
+                vw[:, :, :m].copy_(self.v.index_select(2, memory))
+            self._window = (tile, kw, vw)
+        return self._window[1], self._window[2]
 
     def append(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Store k, v (B, heads, n, head_dim) after the cached positions; return views of all
@@ -206,16 +238,23 @@ class LocalAttention2d(_LocalAttention):
             raise ValueError(f"LocalAttention2d: {start + n} positions do not fit a "
                              f"{self.pattern.height}x{self.pattern.width} image")
         plan = self._plan(q.device)
-        cache.scatter(k, v, plan.order[start:start + n], size)
+        cache.reserve(k, v, size)
         outs, g = [], start
         while g < start + n:  # one fused call per tile the chunk touches
             tile, within = plan.tile_of[g]
-            take = min(start + n - g, len(plan.pixels[tile]) - within)
-            keys = torch.cat([plan.memory[tile], plan.pixels[tile][:within + take]])
-            outs.append(attention(q[:, :, g - start:g - start + take],
-                                  cache.k.index_select(2, keys), cache.v.index_select(2, keys),
+            pixels = plan.pixels[tile]
+            take = min(start + n - g, len(pixels) - within)
+            m = plan.memory[tile].numel()
+            kw, vw = cache.window(tile, plan.memory[tile], plan.capacity)
+            end = m + within + take
+            kw[:, :, m + within:end] = k[:, :, g - start:g - start + take]
+            vw[:, :, m + within:end] = v[:, :, g - start:g - start + take]
+            outs.append(attention(q[:, :, g - start:g - start + take], kw[:, :, :end], vw[:, :, :end],
                                   causal=True))
+            if within + take == len(pixels):  # tile complete: later tiles read it as their flanges
+                cache.store(kw[:, :, m:end], vw[:, :, m:end], pixels)
             g += take
+        cache.length += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
 
@@ -243,3 +282,4 @@ class _TilePlan:
                 self.memory.append(torch.tensor(top + left, dtype=torch.long, device=device))
                 self.pixels.append(torch.tensor(pixels, dtype=torch.long, device=device))
         self.order = torch.tensor(order, dtype=torch.long, device=device)
+        self.capacity = max(len(m) + len(p) for m, p in zip(self.memory, self.pixels))
