@@ -59,26 +59,28 @@ inline typename Vec<W>::F load_bf16(const uint16_t* p) {
 // renormalised by one float subtraction of 2^-14.
 template <int W>
 inline typename Vec<W>::F load_f16(const uint16_t* p) {
-  typedef typename Vec<W>::I I;
+  // Unsigned lanes: inf/NaN bits + 2^23 in the (discarded) subnormal lane would overflow int32,
+  // which is undefined behaviour (UBSan, scripts/sanitize.sh); unsigned arithmetic wraps.
+  typedef uint32_t U __attribute__((vector_size(4 * W)));
   typedef typename Vec<W>::F F;
   typedef uint16_t H __attribute__((vector_size(2 * W)));
   H h;
   std::memcpy(&h, p, sizeof(h));
-  const I x = __builtin_convertvector(h, I);
-  const I shifted = (x & 0x7fff) << 13;
-  const I exp = shifted & (0x1f << 23);
-  I bits = shifted + (112 << 23);
-  bits = exp == (0x1f << 23) ? bits + (112 << 23) : bits;  // inf / NaN
+  const U x = (U)__builtin_convertvector(h, typename Vec<W>::I);  // 0..65535: a plain bitcast
+  const U shifted = (x & 0x7fffu) << 13;
+  const U exp = shifted & (0x1fu << 23);
+  U bits = shifted + (112u << 23);
+  bits = exp == (0x1fu << 23) ? bits + (112u << 23) : bits;  // inf / NaN
   F f;
   std::memcpy(&f, &bits, sizeof(f));
-  const I sub_bits = bits + (1 << 23);  // subnormal: 2^-14 * (1 + m) - 2^-14 = 2^-14 * m
+  const U sub_bits = bits + (1u << 23);  // subnormal: 2^-14 * (1 + m) - 2^-14 = 2^-14 * m
   F sub;
   std::memcpy(&sub, &sub_bits, sizeof(sub));
   sub = sub - 6.103515625e-05f;
   f = exp == 0 ? sub : f;
-  I out;
+  U out;
   std::memcpy(&out, &f, sizeof(out));
-  out |= (x & 0x8000) << 16;
+  out |= (x & 0x8000u) << 16;
   std::memcpy(&f, &out, sizeof(f));
   return f;
 }

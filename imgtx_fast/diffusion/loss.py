@@ -46,6 +46,11 @@ def vb_loss(logits: Tensor, x0: Tensor, x_t: Tensor, t, sched: MaskAndReplaceSch
     """
     loss_vb, loss_aux = vb_terms(logits, x0, x_t, t, sched)
     B, K, N = logits.shape
+    if len(mask_weight) != 2:
+        raise ValueError(f"vb_loss: mask_weight must be a pair (masked, unmasked), got {mask_weight!r}")
+    if pt is not None and (not isinstance(pt, Tensor) or pt.shape != (B,)):
+        raise ValueError(f"vb_loss: pt must be a tensor of shape ({B},), got "
+                         f"{tuple(pt.shape) if isinstance(pt, Tensor) else type(pt).__name__}")
     T = sched.num_timesteps
     tt = sched.check_t(t, B, logits.device, "vb_loss")
     t0 = (tt == 0).view(B, 1)

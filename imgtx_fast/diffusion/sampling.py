@@ -25,6 +25,11 @@ def philox_seed(generator: Optional[torch.Generator], device: torch.device) -> T
     return seed.to(device, non_blocking=True)
 
 
+def check_generator(generator, op: str) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
 def _check_schedule(sched, op):
     if not isinstance(sched, MaskAndReplaceSchedule):
         raise TypeError(f"{op}: sched must be a MaskAndReplaceSchedule, got {type(sched).__name__}")
@@ -39,8 +44,10 @@ def check_logp(t, name: str, sched: MaskAndReplaceSchedule, op: str) -> None:
     if t.shape[1] != sched.num_classes:
         raise ValueError(f"{op}: {name} has K = {t.shape[1]} classes (dim 1) but the schedule has "
                          f"num_classes = {sched.num_classes}")
+    if t.layout != torch.strided:  # sparse tensors have no strided data pointer
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {t.layout}")
     if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{op}: unsupported device {t.device}")
+        raise ValueError(f"{op}: {name} must be on a cpu or cuda device, got {t.device}")
 
 
 def check_index(x, name: str, shape, device, op: str) -> Tensor:
@@ -50,8 +57,12 @@ def check_index(x, name: str, shape, device, op: str) -> Tensor:
         raise TypeError(f"{op}: {name} must be an integer tensor, got {x.dtype}")
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {x.layout}")
     if x.device != device:
         raise ValueError(f"{op}: {name} is on {x.device} but the logits are on {device}")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: {name} must be on a cpu or cuda device, got {x.device}")
     return x if x.dtype == torch.int64 else x.long()
 
 
@@ -88,6 +99,7 @@ def posterior_sample(log_p_x0: Tensor, x_t: Tensor, t, sched: MaskAndReplaceSche
     op = "posterior_sample"
     x_t, coefs = _check_sampling_args(log_p_x0, x_t, t, sched, truncation_rate, guidance_scale,
                                       log_p_x0_uncond, op)
+    check_generator(generator, op)
     r = 1.0 if truncation_rate is None else float(truncation_rate)
     if get_backend() == "reference":
         return _reference.posterior_sample(log_p_x0, x_t, coefs, generator=generator,
@@ -127,6 +139,7 @@ def q_sample(x0: Tensor, t, sched: MaskAndReplaceSchedule,
         raise ValueError(f"{op}: x0 must have shape (B, N), got {tuple(x0.shape)}")
     x0 = check_index(x0, "x0", x0.shape, x0.device, op)
     coefs = sched.coefs(t, x0.shape[0], x0.device, op)
+    check_generator(generator, op)
     if get_backend() == "reference":
         if x0.numel() and (int(x0.min()) < 0 or int(x0.max()) >= sched.num_classes):
             raise ValueError(f"{op}: x0 has values outside [0, {sched.num_classes})")

@@ -94,6 +94,9 @@ class MaskAndReplaceSchedule:
             return torch.full((batch,), t, dtype=torch.int64, device=device)
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"{op}: t must be an integer tensor, got {t.dtype}")
+        if t.layout != torch.strided or t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{op}: t must be a dense tensor on a cpu or cuda device, got "
+                             f"{t.layout} on {t.device}")
         if t.dim() == 0:
             t = t.reshape(1).expand(batch)
         if t.shape != (batch,):

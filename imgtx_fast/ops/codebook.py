@@ -34,7 +34,10 @@ def _check(z: Tensor, codebook: Tensor, metric: str) -> None:
         raise TypeError(f"{_OP}: codebook must be a torch.Tensor, got {type(codebook).__name__}")
     float_code(z, "z", _OP)
     float_code(codebook, "codebook", _OP)
-    if metric not in _METRICS:
+    for name, t in (("z", z), ("codebook", codebook)):
+        if t.layout != torch.strided:  # sparse/mkldnn tensors have no strided data pointer
+            raise TypeError(f"{_OP}: {name} must be a dense (strided) tensor, got {t.layout}")
+    if not isinstance(metric, str) or metric not in _METRICS:
         raise ValueError(f"{_OP}: metric must be 'l2' or 'cosine', got {metric!r}")
     if codebook.dim() != 2:
         raise ValueError(f"{_OP}: codebook must be 2-D (K, D), got shape {tuple(codebook.shape)}")
@@ -51,7 +54,7 @@ def _check(z: Tensor, codebook: Tensor, metric: str) -> None:
     if z.device != codebook.device:
         raise ValueError(f"{_OP}: z and codebook must be on the same device; z is on {z.device}, codebook on {codebook.device}")
     if z.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{_OP}: unsupported device {z.device}")
+        raise ValueError(f"{_OP}: z and codebook must be on a cpu or cuda device, got {z.device}")
 
 
 @torch.library.custom_op("imgtx::codebook_lookup", mutates_args=())

@@ -157,6 +157,8 @@ def _forward_impl(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(_reference.LSE_EMPTY)
+    if Nk == 0:  # no key at all: an (.., Nq, 0) attn_mask has no data pointer for the kernels
+        return out.zero_(), lse.fill_(_reference.LSE_EMPTY)
     args = ((B, H, Hkv, Nq, Nk, D, Dv), _tensor_arg(q, "q"), _tensor_arg(k, "k"),
             _tensor_arg(v, "v"), (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
             lse.data_ptr(), float(scale), int(causal_offset), _mask_arg(attn_mask),
@@ -264,12 +266,16 @@ def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
         if not isinstance(t, Tensor):
             raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
         float_code(t, name, _OP)
+        if t.layout != torch.strided:  # sparse/mkldnn tensors have no strided data pointer
+            raise TypeError(f"{_OP}: {name} must be a dense (strided) tensor, got {t.layout}")
         if t.dim() != 4:
             raise ValueError(f"{_OP}: {name} must be 4-D (B, heads, N, D), got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{_OP}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{_OP}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type not in ("cpu", "cuda"):  # meta tensors have no data for the kernels
+        raise ValueError(f"{_OP}: q, k and v must be on a cpu or cuda device, got {q.device}")
     B, H, Nq, D = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"{_OP}: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
@@ -306,6 +312,8 @@ def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
             raise TypeError(f"{_OP}: attn_mask must be a tensor, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool:
             float_code(attn_mask, "attn_mask", _OP)
+        if attn_mask.layout != torch.strided:
+            raise TypeError(f"{_OP}: attn_mask must be a dense (strided) tensor, got {attn_mask.layout}")
         try:
             torch.broadcast_shapes(attn_mask.shape, (B, H, Nq, Nk))
             ok = attn_mask.dim() <= 4
