@@ -356,7 +356,7 @@ def _write_models(tr, results, settings):
             if not ok:
                 missed.append(f"{model} {case} vs {peer} {r['ratio']:.2f}x")
         note = f"; {r['note']}" if r.get("note") else ""
-        tr.write_line(f"{model:<18} {case:<22} {r['shape']}: fast {_fmt_s(r['fast_s'])}, {peer} "
+        tr.write_line(f"{model:<24} {case:<11} {r['shape']}: fast {_fmt_s(r['fast_s'])}, {peer} "
                       f"{_fmt_s(r['peer_s'])}, {r['ratio']:.2f}x{verdict}{note}")
     if settings.timing and judged:
         tr.write_line(f"bars met: {judged - len(missed)}/{judged}" + (f"; missed: {'; '.join(missed)}" if missed else ""))

@@ -189,23 +189,60 @@ def check_gradients_agree(model: VQDiffusionTransformer, m: Model):
     x_t = torch.where(torch.rand(x0.shape, generator=g) < 0.6, cfg.num_codes, x0)
     t = torch.tensor([cfg.num_timesteps // 3, cfg.num_timesteps - 2])
     drop = torch.tensor([False, True])
+
+    def loss():
+        with imgtx_fast.backend(model.backend):
+            logp = model(x_t, t, cond, lengths, drop)
+            return vb_loss(logp, x0, x_t, t, model.schedule, aux_weight=cfg.aux_weight)
+
+    assert_backends_agree(model, loss, m.name)
+
+
+def assert_backends_agree(model, loss_fn, label: str, loss_tol: float = 1e-4):
+    """loss_fn() (model.backend set to each backend in turn) and the parameter gradients of its
+    backward agree between the fast and the reference backend within fp32 tolerances."""
     res = {}
     for be in BACKENDS:
         model.zero_grad(set_to_none=True)
         model.backend = be
-        with imgtx_fast.backend(be):
-            logp = model(x_t, t, cond, lengths, drop)
-            loss = vb_loss(logp, x0, x_t, t, model.schedule, aux_weight=cfg.aux_weight)
+        loss = loss_fn()
         loss.backward()
         res[be] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     model.zero_grad(set_to_none=True)
     (lf, gf), (lr, gr) = res["fast"], res["reference"]
-    torch.testing.assert_close(lf, lr.to(lf.dtype), atol=1e-4, rtol=1e-4, msg=lambda s: f"{m.name}: loss: {s}")
+    torch.testing.assert_close(lf, lr.to(lf.dtype), atol=loss_tol, rtol=1e-4, msg=lambda s: f"{label}: loss: {s}")
     assert gf.keys() == gr.keys() and len(gf) > 0
     for name in gf:
         scale = float(gr[name].abs().max()) + 1e-12
         err = float((gf[name] - gr[name]).abs().max())
-        assert err <= 1e-3 * scale + 1e-6, f"{m.name}: grad {name}: max error {err:.3g} (scale {scale:.3g})"
+        assert err <= 1e-3 * scale + 1e-6, f"{label}: grad {name}: max error {err:.3g} (scale {scale:.3g})"
+
+
+def record_sampling(benchmark, bench_results, name, shape, batch, timed_steps, rounds, mode, medians,
+                    what, bar=None, steps=None):
+    """One sampling row of the end-to-end summary (and the benchmark's extra_info): medians are
+    seconds of `timed_steps` steps per backend, scaled to `steps`."""
+    bar = SAMPLE_BAR if bar is None else bar
+    steps = STEPS if steps is None else steps
+    per_step = {be: t / timed_steps for be, t in medians.items()}
+    ratio = medians["reference"] / medians["fast"]
+    _record(bench_results, ("sampling", name), shape=shape, batch=batch, steps=steps, timed_steps=timed_steps,
+            rounds=rounds, mode=mode, s_total={be: v * steps for be, v in per_step.items()}, ratio=ratio,
+            bar=bar, what=what)
+    benchmark.extra_info.update(shape=shape, batch=batch, timed_steps=timed_steps, rounds=rounds,
+                                s_per_step={be: round(v, 4) for be, v in per_step.items()},
+                                ratio=round(ratio, 3), bar=bar, met=ratio >= bar)
+
+
+def record_training(benchmark, bench_results, name, shape, batch, rounds, mode, medians, bar=None):
+    """One training-step row of the end-to-end summary (and the benchmark's extra_info)."""
+    bar = TRAIN_BAR if bar is None else bar
+    ratio = medians["reference"] / medians["fast"]
+    _record(bench_results, ("train", name), shape=shape, batch=batch, rounds=rounds, mode=mode,
+            ms={be: v * 1e3 for be, v in medians.items()}, ratio=ratio, bar=bar)
+    benchmark.extra_info.update(shape=shape, batch=batch, rounds=rounds,
+                                ms={be: round(v * 1e3, 2) for be, v in medians.items()},
+                                ratio=round(ratio, 3), bar=bar, met=ratio >= bar)
 
 
 # ------------------------------------------------------------------------------------ tests
@@ -234,15 +271,8 @@ def test_sampling(benchmark, bench_settings, bench_results, name):
     medians, outs, rounds = benchmark.pedantic(run_all, rounds=1, iterations=1, warmup_rounds=0)
     for tokens in outs.values():
         check_samples(tokens, m, B)
-    per_step = {be: t / m.sample_steps for be, t in medians.items()}
-    ratio = medians["reference"] / medians["fast"]
-    _record(bench_results, ("sampling", name), shape=m.shape, batch=B, steps=STEPS,
-            timed_steps=m.sample_steps, rounds=rounds, mode=bench_settings.mode,
-            s_total={be: v * STEPS for be, v in per_step.items()}, ratio=ratio, bar=SAMPLE_BAR,
-            what=f"sample B={B} guidance={m.guidance:g} trunc={m.truncation}")
-    benchmark.extra_info.update(shape=m.shape, batch=B, timed_steps=m.sample_steps, rounds=rounds,
-                                s_per_step={be: round(v, 4) for be, v in per_step.items()},
-                                ratio=round(ratio, 3), bar=SAMPLE_BAR, met=ratio >= SAMPLE_BAR)
+    record_sampling(benchmark, bench_results, name, m.shape, B, m.sample_steps, rounds, bench_settings.mode,
+                    medians, f"sample B={B} guidance={m.guidance:g} trunc={m.truncation}")
 
 
 @pytest.mark.parametrize("name", MODEL_IDS)
@@ -272,13 +302,7 @@ def test_training_step(benchmark, bench_settings, bench_results, name):
 
     medians, losses, rounds = benchmark.pedantic(run_all, rounds=1, iterations=1, warmup_rounds=0)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
-    ratio = medians["reference"] / medians["fast"]
-    _record(bench_results, ("train", name), shape=m.shape, batch=m.train_batch, rounds=rounds,
-            mode=bench_settings.mode, ms={be: v * 1e3 for be, v in medians.items()}, ratio=ratio,
-            bar=TRAIN_BAR)
-    benchmark.extra_info.update(shape=m.shape, batch=m.train_batch, rounds=rounds,
-                                ms={be: round(v * 1e3, 2) for be, v in medians.items()},
-                                ratio=round(ratio, 3), bar=TRAIN_BAR, met=ratio >= TRAIN_BAR)
+    record_training(benchmark, bench_results, name, m.shape, m.train_batch, rounds, bench_settings.mode, medians)
 
 
 _MEMORY_SCRIPT = r"""

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from imgtx_fast.models.image_transformer import ImageTransformer, ImageTransformerConfig
-from test_end_to_end import interleave
+from test_end_to_end import assert_backends_agree, interleave
 
 SAMPLE_BARS = {"reference recompute": 10.0, "reference + KV cache": 3.0}
 
@@ -89,18 +89,7 @@ def batch(m: Model, B: int, seed: int = 1):
 
 def check_backends_agree(model: ImageTransformer, m: Model):
     x, y = batch(m, 2)
-    res = {}
-    for be in ("fast", "reference"):
-        model.backend = be
-        model.zero_grad(set_to_none=True)
-        loss = model.loss(x, y)
-        loss.backward()
-        res[be] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
-    model.zero_grad(set_to_none=True)
-    torch.testing.assert_close(res["fast"][0], res["reference"][0], atol=1e-4, rtol=1e-4)
-    for a, b in zip(res["fast"][1], res["reference"][1]):
-        scale = float(b.abs().max()) + 1e-12
-        assert float((a - b).abs().max()) <= 1e-3 * scale + 1e-6
+    assert_backends_agree(model, lambda: model.loss(x, y), f"Image Transformer {m.name}")
 
 
 def _record(bench_results, m, case, peer, fast_s, peer_s, bar=None, note=""):

@@ -36,7 +36,7 @@ import torch
 from imgtx_fast.models.imagen import ImagenConfig, ImagenDenoiser
 
 # reuse the VQ-Diffusion end-to-end benchmark's timing loop and summary recorder (same house rules)
-from test_end_to_end import _record, interleave
+from test_end_to_end import assert_backends_agree, interleave, record_sampling, record_training
 
 BACKENDS = ("fast", "reference")
 SAMPLE_BAR, TRAIN_BAR = 2.0, 1.5
@@ -137,21 +137,9 @@ def check_forward_agrees(model: ImagenDenoiser, m: Model):
 def check_gradients_agree(model: ImagenDenoiser, m: Model):
     x0 = images(m, 2, seed=5)
     emb, lengths = text(m, 2, seed=6)
-    res = {}
-    for be in BACKENDS:
-        model.zero_grad(set_to_none=True)
-        model.backend = be
-        loss = model.training_loss(x0, emb, lengths, generator=torch.Generator().manual_seed(7))
-        loss.backward()
-        res[be] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    model.zero_grad(set_to_none=True)
-    (lf, gf), (lr, gr) = res["fast"], res["reference"]
-    torch.testing.assert_close(lf, lr, atol=1e-5, rtol=1e-4, msg=lambda s: f"{m.name}: loss: {s}")
-    assert gf.keys() == gr.keys() and len(gf) > 0
-    for name in gf:
-        scale = float(gr[name].abs().max()) + 1e-12
-        err = float((gf[name] - gr[name]).abs().max())
-        assert err <= 1e-3 * scale + 1e-6, f"{m.name}: grad {name}: max error {err:.3g} (scale {scale:.3g})"
+    assert_backends_agree(model, lambda: model.training_loss(x0, emb, lengths,
+                                                             generator=torch.Generator().manual_seed(7)),
+                          m.name, loss_tol=1e-5)
 
 
 def check_samples(x, m: Model, B: int):
@@ -186,15 +174,9 @@ def test_sampling(benchmark, bench_settings, bench_results, name):
     medians, outs, rounds = benchmark.pedantic(run_all, rounds=1, iterations=1, warmup_rounds=0)
     for x in outs.values():
         check_samples(x, m, B)
-    per_step = {be: t / m.sample_steps for be, t in medians.items()}
-    ratio = medians["reference"] / medians["fast"]
-    _record(bench_results, ("sampling", name), shape=m.shape, batch=B, steps=STEPS,
-            timed_steps=m.sample_steps, rounds=rounds, mode=bench_settings.mode,
-            s_total={be: v * STEPS for be, v in per_step.items()}, ratio=ratio, bar=SAMPLE_BAR,
-            what=f"sample B={B} guidance={GUIDANCE:g} ddpm+dynamic thresholding")
-    benchmark.extra_info.update(shape=m.shape, batch=B, timed_steps=m.sample_steps, rounds=rounds,
-                                s_per_step={be: round(v, 4) for be, v in per_step.items()},
-                                ratio=round(ratio, 3), bar=SAMPLE_BAR, met=ratio >= SAMPLE_BAR)
+    record_sampling(benchmark, bench_results, name, m.shape, B, m.sample_steps, rounds, bench_settings.mode,
+                    medians, f"sample B={B} guidance={GUIDANCE:g} ddpm+dynamic thresholding",
+                    bar=SAMPLE_BAR, steps=STEPS)
 
 
 @pytest.mark.parametrize("name", MODEL_IDS)
@@ -223,10 +205,5 @@ def test_training_step(benchmark, bench_settings, bench_results, name):
     medians, losses, rounds = benchmark.pedantic(run_all, rounds=1, iterations=1, warmup_rounds=0)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
     assert abs(losses["fast"] - losses["reference"]) <= 1e-4 * abs(losses["reference"]) + 1e-6, losses
-    ratio = medians["reference"] / medians["fast"]
-    _record(bench_results, ("train", name), shape=m.shape, batch=m.train_batch, rounds=rounds,
-            mode=bench_settings.mode, ms={be: v * 1e3 for be, v in medians.items()}, ratio=ratio,
-            bar=TRAIN_BAR)
-    benchmark.extra_info.update(shape=m.shape, batch=m.train_batch, rounds=rounds,
-                                ms={be: round(v * 1e3, 2) for be, v in medians.items()},
-                                ratio=round(ratio, 3), bar=TRAIN_BAR, met=ratio >= TRAIN_BAR)
+    record_training(benchmark, bench_results, name, m.shape, m.train_batch, rounds, bench_settings.mode, medians,
+                    bar=TRAIN_BAR)

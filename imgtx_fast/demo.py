@@ -18,7 +18,6 @@ Everything here is deterministic for a given seed on a given machine and thread 
 reductions in a different order can change the last bits, and sampling amplifies that).
 """
 import dataclasses
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,11 +30,13 @@ from torch import Tensor
 
 from .diffusion import TimestepSampler
 from .models.vq_diffusion import VQDiffusionConfig, VQDiffusionTransformer
+from .models._common import half_state, load_state
 from .models.vqvae import VQVAE, VQVAEConfig, train_vqvae
+from .training import fit, progress_bar
 
 __all__ = ["DemoConfig", "DemoModels", "Classifier", "train_classifier", "train_diffusion",
            "train_models", "save_checkpoint", "load_checkpoint", "default_checkpoint",
-           "load_data", "evaluate", "save_grid", "grid_size", "format_report", "run", "main"]
+           "load_data", "evaluate", "save_grid", "grid_size", "format_report", "format_table", "run", "main"]
 
 _FORMAT = "imgtx_fast.demo/1"
 CHECKPOINT_NAME = "digits_demo.pt"
@@ -150,16 +151,6 @@ class Classifier(nn.Module):
         return out
 
 
-def _bar(total: int, desc: str, enabled: bool, unit: str = "step"):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit=unit)
-
-
 def _shift(x: Tensor, g: torch.Generator, max_shift: int = 1) -> Tensor:
     """Random translation by up to max_shift pixels (zero = background padding)."""
     B, C, H, W = x.shape
@@ -169,41 +160,18 @@ def _shift(x: Tensor, g: torch.Generator, max_shift: int = 1) -> Tensor:
     return padded[:, :, dy:dy + H, dx:dx + W]
 
 
-def _cosine(opt, steps: int, warmup: int = 0):
-    def f(s):
-        if s < warmup:
-            return (s + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
-
-
 def train_classifier(model: Classifier, images: Tensor, labels: Tensor, steps: int = 400,
                      batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
                      progress: bool = True) -> List[float]:
-    """Adam with cosine decay and +-1 pixel shifts; returns the loss per step (eval mode after)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = _cosine(opt, steps)
-    bar = _bar(steps, "classifier", progress)
-    losses = []
-    model.train()
-    try:
-        for _ in range(steps):
-            idx = torch.randint(0, len(images), (batch_size,), generator=g)
-            loss = F.cross_entropy(model(_shift(images[idx], g)), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.eval()
-    return losses
+    """Adam (no weight decay, no clipping) with cosine decay and +-1 pixel shifts; returns the
+    loss per step (eval mode after)."""
+    def batch_loss(g):
+        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+        return F.cross_entropy(model(_shift(images[idx], g)), labels[idx])
+
+    return fit(model, batch_loss, steps, lr=lr, seed=seed, desc="classifier", progress=progress,
+               weight_decay=0.0, betas=(0.9, 0.999), warmup=0, clip=0.0,
+               postfix=lambda loss: f"loss={loss:.3f}")
 
 
 def train_diffusion(model: VQDiffusionTransformer, tokens: Tensor, labels: Tensor, steps: int = 1500,
@@ -211,33 +179,13 @@ def train_diffusion(model: VQDiffusionTransformer, tokens: Tensor, labels: Tenso
                     progress: bool = True) -> List[float]:
     """VQ-Diffusion's loss with the importance sampler, AdamW, warmup + cosine decay, gradient
     clipping at 1; returns the loss per step. The model is left in eval mode."""
-    g = torch.Generator().manual_seed(seed)
     sampler = TimestepSampler(model.config.num_timesteps)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    sched = _cosine(opt, steps, warmup=min(100, steps // 10))
-    bar = _bar(steps, "diffusion", progress)
-    losses = []
-    model.train()
-    try:
-        for step in range(steps):
-            idx = torch.randint(0, len(tokens), (batch_size,), generator=g)
-            loss = model.training_loss(tokens[idx], labels[idx], sampler, generator=g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-                if step % 20 == 0 or step == steps - 1:
-                    recent = losses[-50:]
-                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.eval()
-    return losses
+
+    def batch_loss(g):
+        idx = torch.randint(0, len(tokens), (batch_size,), generator=g)
+        return model.training_loss(tokens[idx], labels[idx], sampler, generator=g)
+
+    return fit(model, batch_loss, steps, lr=lr, seed=seed, desc="diffusion", progress=progress)
 
 
 # ------------------------------------------------------------------------------------ models
@@ -297,19 +245,6 @@ def train_models(cfg: DemoConfig, train_images: Tensor, train_labels: Tensor,
     return DemoModels(cfg, vqvae, diffusion.eval(), classifier.eval(), list(classes), info)
 
 
-def _state(module: nn.Module, half: bool) -> Dict[str, Tensor]:
-    """State dict with float32 tensors stored as float16 when `half` (halves the file)."""
-    out = {}
-    for k, v in module.state_dict().items():
-        out[k] = v.half() if half and v.dtype == torch.float32 else v.clone()
-    return out
-
-
-def _load_state(module: nn.Module, state: Dict[str, Tensor]) -> None:
-    ref = module.state_dict()
-    module.load_state_dict({k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()})
-
-
 def save_checkpoint(models: DemoModels, path: str, half: bool = True) -> None:
     """One file for the three models, their configs, the class names and `info` (plain values
     only, so load_checkpoint can use weights_only=True). half: store weights as float16."""
@@ -320,11 +255,11 @@ def save_checkpoint(models: DemoModels, path: str, half: bool = True) -> None:
         "config": models.config.to_dict(),
         "classes": list(models.classes),
         "info": info,
-        "vqvae": {"config": models.vqvae.config.to_dict(), "state_dict": _state(models.vqvae, half)},
+        "vqvae": {"config": models.vqvae.config.to_dict(), "state_dict": half_state(models.vqvae, half)},
         "diffusion": {"config": asdict(models.diffusion.config),
-                      "state_dict": _state(models.diffusion, half)},
+                      "state_dict": half_state(models.diffusion, half)},
         "classifier": {"config": dict(models.classifier.config),
-                       "state_dict": _state(models.classifier, half)},
+                       "state_dict": half_state(models.classifier, half)},
     }
     torch.save(blob, path)
 
@@ -338,11 +273,11 @@ def load_checkpoint(path: str, map_location="cpu") -> DemoModels:
         raise ValueError(f"checkpoint: {path!r} is not an imgtx_fast demo checkpoint ({_FORMAT})")
     cfg = DemoConfig.from_dict(blob["config"])
     vqvae = VQVAE(VQVAEConfig.from_dict(blob["vqvae"]["config"]))
-    _load_state(vqvae, blob["vqvae"]["state_dict"])
+    load_state(vqvae, blob["vqvae"]["state_dict"])
     diffusion = VQDiffusionTransformer(VQDiffusionConfig(**blob["diffusion"]["config"]))
-    _load_state(diffusion, blob["diffusion"]["state_dict"])
+    load_state(diffusion, blob["diffusion"]["state_dict"])
     classifier = Classifier(**blob["classifier"]["config"])
-    _load_state(classifier, blob["classifier"]["state_dict"])
+    load_state(classifier, blob["classifier"]["state_dict"])
     return DemoModels(cfg, vqvae.eval(), diffusion.eval(), classifier.eval(),
                       list(blob["classes"]), dict(blob.get("info", {})))
 
@@ -481,7 +416,7 @@ def evaluate(models: DemoModels, test_images: Tensor, test_labels: Tensor, *, ou
 
     # samples on the fast backend: class c, sample j at row c, column j
     labels = torch.arange(C).repeat_interleave(eval_per_class)
-    bar = _bar(len(labels), "sampling (fast)", progress, unit="img")
+    bar = progress_bar(len(labels), "sampling (fast)", progress, unit="img")
     images, fast_all_s = _sample_images(models, labels, num_steps, guidance, truncation, seed, "fast", bar=bar)
     if bar is not None:
         bar.close()
@@ -508,7 +443,7 @@ def evaluate(models: DemoModels, test_images: Tensor, test_labels: Tensor, *, ou
     res["timing_batch"] = timing_batch
     res["fast_s_per_image"] = fast_s / timing_batch
     if reference:
-        bar = _bar(timing_batch, "sampling (reference)", progress, unit="img")
+        bar = progress_bar(timing_batch, "sampling (reference)", progress, unit="img")
         ref_images, ref_s = _sample_images(models, tb, num_steps, guidance, truncation, seed, "reference", bar=bar)
         if bar is not None:
             bar.close()
@@ -559,6 +494,11 @@ def format_report(res: Dict[str, object], models: Optional[DemoModels] = None) -
         w, h = res["grid_size"]
         rows.append(("sample grid", f"{res['grid_path']} ({w}x{h} px, one row per class)"))
         rows.append(("reconstructions", f"{res['recon_path']} (top: test images, bottom: decoded tokens)"))
+    return format_table(rows)
+
+
+def format_table(rows: Sequence[Tuple[str, str]]) -> str:
+    """The demos' report: one `name | value` line per row between two rules."""
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 2 + max(len(v) for _, v in rows))
     return "\n".join([line] + [f"{k:<{width}} | {v}" for k, v in rows] + [line])

@@ -14,6 +14,7 @@ of 16x16 digits, masked local 2D attention (query tiles 4x8, flanges 4x8). The r
   the steps and scaled: every step costs the same full forward).
 """
 import argparse
+import math
 import os
 import time
 from typing import Dict, Optional
@@ -21,9 +22,10 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .demo import _bar, _cosine, _load_state, _state, load_checkpoint, save_grid
+from .demo import format_table, load_checkpoint, save_grid
 from .demo import default_checkpoint as vq_demo_checkpoint
 from .models.image_transformer import ImageTransformer, ImageTransformerConfig
+from .training import fit
 
 __all__ = ["default_config", "default_checkpoint", "to_intensities", "train", "evaluate", "run", "main"]
 
@@ -49,50 +51,29 @@ def to_intensities(images: Tensor) -> Tensor:
 def train(model: ImageTransformer, images: Tensor, labels: Tensor, steps: int, batch_size: int = 32,
           lr: float = 2e-3, seed: int = 0, progress: bool = True):
     """Teacher-forced NLL with AdamW, warmup + cosine decay, clipping at 1; eval mode after."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = _cosine(opt, steps, warmup=min(100, steps // 10))
-    bar = _bar(steps, "image transformer", progress)
-    losses = []
-    model.train()
-    try:
-        for step in range(steps):
-            idx = torch.randint(0, len(images), (batch_size,), generator=g)
-            loss = model.loss(images[idx], labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-                if step % 20 == 0 or step == steps - 1:
-                    recent = losses[-50:]
-                    bar.set_postfix(bpd=f"{sum(recent) / len(recent) / 0.6931:.3f}", refresh=False)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.eval()
-    return losses
+    def batch_loss(g):
+        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+        return model.loss(images[idx], labels[idx])
+
+    return fit(model, batch_loss, steps, lr=lr, seed=seed, desc="image transformer", progress=progress,
+               betas=(0.9, 0.98), postfix=lambda loss: f"bpd={loss / math.log(2):.3f}")
 
 
 def save(model: ImageTransformer, path: str, info: Dict[str, object]) -> None:
-    from dataclasses import asdict
-
+    """The model's checkpoint (float16 weights) plus the demo's `info` (plain values)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"format": _FORMAT, "config": asdict(model.config), "state_dict": _state(model, True),
-                "info": {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}, path)
+    blob = model.state(half=True)
+    blob["demo"] = _FORMAT
+    blob["info"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
+    torch.save(blob, path)
 
 
 def load(path: str):
     """(model in eval mode, info) from a demo checkpoint."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
+    if not isinstance(blob, dict) or blob.get("demo") != _FORMAT:
         raise ValueError(f"checkpoint: {path!r} is not an Image Transformer demo checkpoint ({_FORMAT})")
-    model = ImageTransformer(ImageTransformerConfig(**blob["config"]))
-    _load_state(model, blob["state_dict"])
-    return model.eval(), dict(blob.get("info", {}))
+    return ImageTransformer.from_state(blob).eval(), dict(blob.get("info", {}))
 
 
 def _time(fn) -> float:
@@ -181,9 +162,7 @@ def format_report(res: Dict[str, object], model: ImageTransformer, info: Dict[st
     if "grid_path" in res:
         w, h = res["grid_size"]
         rows.append(("sample grid", f"{res['grid_path']} ({w}x{h} px, one row per class)"))
-    width = max(len(k) for k, _ in rows)
-    line = "-" * (width + 2 + max(len(v) for _, v in rows))
-    return "\n".join([line] + [f"{k:<{width}} | {v}" for k, v in rows] + [line])
+    return format_table(rows)
 
 
 def add_arguments(parser) -> None:

@@ -24,9 +24,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .demo import Classifier, _bar, _cosine, _load_state, _state, load_data, save_grid, train_classifier
+from .demo import Classifier, format_table, load_data, save_grid, train_classifier
+from .models._common import half_state, load_state
 from .models.imagen import ImagenConfig, ImagenDenoiser, ImagenPipeline
 from .models.text_encoder import TextEncoder, WordTokenizer
+from .training import fit
 
 __all__ = ["ImagenDemoConfig", "ImagenDemoModels", "DIGIT_WORDS", "TEMPLATES", "prompt", "train_denoiser",
            "train_models", "save_checkpoint", "load_checkpoint", "default_checkpoint", "evaluate",
@@ -134,36 +136,16 @@ def train_denoiser(model: ImagenDenoiser, images: Tensor, labels: Tensor, text_t
     """AdamW, warmup + cosine decay, gradient clipping at 1; each image is paired with a random
     template of its digit's prompt. low_res: the SR stage's low-resolution images (aligned with
     `images`). Returns the loss per step; the model is left in eval mode."""
-    g = torch.Generator().manual_seed(seed)
     emb, lengths = text_table
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    sched = _cosine(opt, steps, warmup=min(100, steps // 10))
-    bar = _bar(steps, desc, progress)
-    losses = []
-    model.train()
-    try:
-        for step in range(steps):
-            idx = torch.randint(0, len(images), (batch_size,), generator=g)
-            tpl = torch.randint(0, emb.shape[1], (batch_size,), generator=g)
-            y = labels[idx]
-            loss = model.training_loss(images[idx], emb[y, tpl], lengths[y, tpl],
-                                       low_res=None if low_res is None else low_res[idx], generator=g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-                if step % 20 == 0 or step == steps - 1:
-                    recent = losses[-50:]
-                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.eval()
-    return losses
+
+    def batch_loss(g):
+        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+        tpl = torch.randint(0, emb.shape[1], (batch_size,), generator=g)
+        y = labels[idx]
+        return model.training_loss(images[idx], emb[y, tpl], lengths[y, tpl],
+                                   low_res=None if low_res is None else low_res[idx], generator=g)
+
+    return fit(model, batch_loss, steps, lr=lr, seed=seed, desc=desc, progress=progress)
 
 
 def _digits(cfg: ImagenDemoConfig):
@@ -234,7 +216,7 @@ def save_checkpoint(models: ImagenDemoModels, path: str, half: bool = True) -> N
     torch.save({"format": _FORMAT, "config": asdict(models.config), "info": info,
                 "text_encoder": p.text_encoder.state(), "base": p.base.state(half), "sr": p.sr.state(half),
                 "classifier": {"config": dict(models.classifier.config),
-                               "state_dict": _state(models.classifier, half)}}, path)
+                               "state_dict": half_state(models.classifier, half)}}, path)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> ImagenDemoModels:
@@ -245,7 +227,7 @@ def load_checkpoint(path: str, map_location="cpu") -> ImagenDemoModels:
         raise ValueError(f"checkpoint: {path!r} is not an imgtx_fast Imagen demo checkpoint ({_FORMAT})")
     pipe = ImagenPipeline.from_state({"text_encoder": blob["text_encoder"], "base": blob["base"], "sr": blob["sr"]})
     classifier = Classifier(**blob["classifier"]["config"])
-    _load_state(classifier, blob["classifier"]["state_dict"])
+    load_state(classifier, blob["classifier"]["state_dict"])
     return ImagenDemoModels(ImagenDemoConfig(**blob["config"]), pipe.eval(), classifier.eval(),
                             dict(blob.get("info", {})))
 
@@ -351,9 +333,7 @@ def format_report(res: Dict[str, object], models: Optional[ImagenDemoModels] = N
         w, h = res["grid_size"]
         rows.append(("sample grid", f"{res['grid_path']} ({w}x{h} px, one row per digit 0-9; base stage: "
                                     f"{res['base_grid_path']})"))
-    width = max(len(k) for k, _ in rows)
-    line = "-" * (width + 2 + max(len(v) for _, v in rows))
-    return "\n".join([line] + [f"{k:<{width}} | {v}" for k, v in rows] + [line])
+    return format_table(rows)
 
 
 # ------------------------------------------------------------------------------------ command

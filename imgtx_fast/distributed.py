@@ -178,14 +178,14 @@ def train_diffusion_ddp(model: VQDiffusionTransformer, tokens: Tensor, labels: T
                         log_every: int = 0, log: Callable[[str], None] = print) -> List[float]:
     """Train `model` data-parallel: each rank computes the loss on its shard of every global
     batch through the DDP wrapper (which averages the gradients), then the demo's optimiser
-    recipe (AdamW, warmup + cosine via demo._cosine, clip at 1) steps identically everywhere.
+    recipe (AdamW, warmup + cosine, clip at 1; imgtx_fast.training) steps identically everywhere.
 
     tokens (n, h, w) / labels (n,) must be the same full data set on every rank.
     Returns the loss per step, averaged over ranks (the loss of the global batch). `log` is
     called on rank 0 only, every `log_every` steps (0: never). The model is left in eval mode
     and unwrapped (the DDP wrapper shares its parameters).
     """
-    from .demo import _cosine  # the demo's schedule (demo imports nothing from here)
+    from .training import warmup_cosine
 
     if len(tokens) != len(labels):
         raise ValueError(f"train_diffusion_ddp: {len(tokens)} token grids but {len(labels)} labels")
@@ -195,7 +195,7 @@ def train_diffusion_ddp(model: VQDiffusionTransformer, tokens: Tensor, labels: T
     sampler = (DistributedTimestepSampler(model.config.num_timesteps, ctx) if importance_sampling
                else None)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    sched = _cosine(opt, steps, warmup=min(100, steps // 10) if warmup is None else warmup)
+    sched = warmup_cosine(opt, steps, warmup=min(100, steps // 10) if warmup is None else warmup)
     tokens, labels = tokens.to(ctx.device), labels.to(ctx.device)
     losses: List[float] = []
     model.train()

@@ -20,3 +20,14 @@ def cpu_isa(request):
     _C.set_cpu_isa(request.param)
     yield request.param
     _C.set_cpu_isa(previous)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny tensors on a shared 2-core machine, where OpenMP
+    barriers would dominate. Model and demo tests use it module-wide via
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

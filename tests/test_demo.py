@@ -25,13 +25,7 @@ TABLE_FIELDS = ["time per image, fast", "time per image, reference", "speed-up",
                 "sample grid"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: OpenMP barriers would dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

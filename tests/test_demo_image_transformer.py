@@ -17,12 +17,7 @@ TINY = ImageTransformerConfig(height=16, width=16, channels=1, num_classes=10, a
 FAST_ARGS = ["--per-class", "1", "--timing-batch", "2", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -67,14 +67,14 @@ def _single_process_reference():
     exactly zero in exact arithmetic (softmax ignores a constant added to every logit of a
     query) and rounding noise in float, which Adam scales up to lr-sized steps; those differ
     with the summation order and are compared only across ranks."""
-    from imgtx_fast.demo import _cosine
+    from imgtx_fast.training import warmup_cosine
     model = _model(100)  # rank 0's initialisation
     init = {k: v.clone() for k, v in model.state_dict().items()}
     tokens, labels = _data()
     data_g = torch.Generator().manual_seed(SEED)
     noise = [torch.Generator().manual_seed(D.noise_seed(SEED, r)) for r in range(WORLD)]
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.99))
-    sched = _cosine(opt, STEPS, warmup=0)
+    sched = warmup_cosine(opt, STEPS, warmup=0)
     losses = []
     max_grad = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
     model.train()

@@ -15,13 +15,7 @@ TEXT_DIM, L = 16, 6
 PROMPTS = ["a digit seven", "the number one", "a handwritten zero please now", "nine"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: OpenMP barriers would dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(sr=False, seed=0, **kw):

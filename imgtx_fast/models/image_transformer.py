@@ -30,9 +30,8 @@ Backends: `backend="fast" | "reference"` runs every op inside `imgtx_fast.backen
 same weights run on our kernels or on the plain-PyTorch twins (dense masks); None follows
 `imgtx_fast.set_backend`.
 """
-import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
@@ -40,12 +39,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import _BACKENDS, backend as _backend_block
 from ..nn.local_attention import KVCache, LocalAttention1d, LocalAttention2d
+from ._common import ModelBase
 
 __all__ = ["ImageTransformerConfig", "ImageTransformer", "to_sequence", "from_sequence"]
 
-_FORMAT = "imgtx_fast.image_transformer/1"
 _ATTENTION = ("local1d", "local2d")
 _LEVELS = 256
 _LN2 = math.log(2.0)
@@ -127,12 +125,15 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
-class ImageTransformer(nn.Module):
+class ImageTransformer(ModelBase):
     """p(image | class) as a product of 256-way categoricals in generation order.
 
     backend: "fast", "reference" or None (follow imgtx_fast.set_backend); a runtime choice, not
-    saved with the weights.
+    saved with the weights. save / load / state: see models._common.ModelBase.
     """
+
+    config_class = ImageTransformerConfig
+    checkpoint_format = "imgtx_fast.image_transformer/1"
 
     def __init__(self, config: ImageTransformerConfig, backend: Optional[str] = None):
         super().__init__()
@@ -173,20 +174,6 @@ class ImageTransformer(nn.Module):
         if self.config.attention == "local1d":
             return torch.arange(self.config.num_positions)
         return self.blocks[0].attn.generation_order
-
-    # -- backend ----------------------------------------------------------------------------
-    @property
-    def backend(self) -> Optional[str]:
-        return self._backend_name
-
-    @backend.setter
-    def backend(self, name: Optional[str]) -> None:
-        if name is not None and name not in _BACKENDS:
-            raise ValueError(f"ImageTransformer: backend must be one of {_BACKENDS} or None, got {name!r}")
-        self._backend_name = name
-
-    def _backend(self):
-        return contextlib.nullcontext() if self.backend is None else _backend_block(self.backend)
 
     # -- input checks -----------------------------------------------------------------------
     def _check_images(self, images: Tensor, op: str) -> Tensor:
@@ -368,18 +355,3 @@ class ImageTransformer(nn.Module):
         for p in self.order[start:stop].tolist():
             logits = self._logits(seq, labels)
             seq[:, p] = self._draw(logits[:, p], temperature, generator)
-
-    # -- checkpoints ------------------------------------------------------------------------
-    def save(self, path) -> None:
-        """One file: the config (plain values) and the state dict."""
-        torch.save({"format": _FORMAT, "config": asdict(self.config), "state_dict": self.state_dict()}, path)
-
-    @classmethod
-    def load(cls, path, map_location="cpu", backend: Optional[str] = None) -> "ImageTransformer":
-        """The model `save` wrote (weights_only loading: no code runs from the file)."""
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
-            raise ValueError(f"ImageTransformer.load: {path} is not a {_FORMAT} checkpoint")
-        model = cls(ImageTransformerConfig(**blob["config"]), backend=backend)
-        model.load_state_dict(blob["state_dict"])
-        return model

@@ -32,9 +32,8 @@ Backends: backend="fast" | "reference" runs forward, training_loss and sample in
 imgtx_fast.backend(...): the same weights on our kernels or on plain-PyTorch twins (the text
 encoder is transformers' and the same on both); None follows imgtx_fast.set_backend.
 """
-import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -42,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import _BACKENDS, backend as _backend_block
+from ._common import ModelBase
 from .text_encoder import TextEncoder, WordTokenizer
 from .vq_diffusion import Block, sampling_timesteps, timestep_embedding
 
@@ -234,11 +233,15 @@ def dynamic_threshold(x0: Tensor, percentile: float = 0.995) -> Tensor:
 
 # ----------------------------------------------------------------------------- network
 
-class ImagenDenoiser(nn.Module):
+class ImagenDenoiser(ModelBase):
     """The denoiser of one cascade stage: (x_t, t, text[, low_res, aug_level]) -> eps or v.
 
     backend: "fast", "reference" or None (follow imgtx_fast.set_backend); a runtime choice, not
-    saved with the weights (assign `model.backend` to switch)."""
+    saved with the weights (assign `model.backend` to switch). save / load / state /
+    from_state: see models._common.ModelBase."""
+
+    config_class = ImagenConfig
+    checkpoint_format = _FORMAT
 
     def __init__(self, config: ImagenConfig, backend: Optional[str] = None):
         super().__init__()
@@ -266,20 +269,6 @@ class ImagenDenoiser(nn.Module):
         self.patch_out = nn.Linear(E, cfg.channels * p * p)
         nn.init.zeros_(self.patch_out.weight)  # start as "predict 0": stable early training
         nn.init.zeros_(self.patch_out.bias)
-
-    # -- backend ----------------------------------------------------------------------------
-    @property
-    def backend(self) -> Optional[str]:
-        return self._backend_name
-
-    @backend.setter
-    def backend(self, name: Optional[str]) -> None:
-        if name is not None and name not in _BACKENDS:
-            raise ValueError(f"ImagenDenoiser: backend must be one of {_BACKENDS} or None, got {name!r}")
-        self._backend_name = name
-
-    def _backend(self):
-        return contextlib.nullcontext() if self.backend is None else _backend_block(self.backend)
 
     @property
     def _device(self):
@@ -567,30 +556,6 @@ class ImagenDenoiser(nn.Module):
                     mean, var = sched.posterior(x0, x, tt, ss)
                     x = mean + var.sqrt() * _randn(x.shape, generator, x)
         return x.clamp(-1.0, 1.0)
-
-    # -- checkpoints ------------------------------------------------------------------------
-    def save(self, path) -> None:
-        """One file: the config (plain values) and the state dict."""
-        torch.save({"format": _FORMAT, "config": asdict(self.config), "state_dict": self.state_dict()}, path)
-
-    @classmethod
-    def load(cls, path, map_location="cpu", backend: Optional[str] = None) -> "ImagenDenoiser":
-        """The model `save` wrote (weights_only loading: no code runs from the file)."""
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
-            raise ValueError(f"ImagenDenoiser.load: {path} is not a {_FORMAT} checkpoint")
-        return cls.from_state(blob, backend)
-
-    def state(self, half: bool = False) -> dict:
-        sd = {k: (v.half() if half and v.dtype == torch.float32 else v.clone()) for k, v in self.state_dict().items()}
-        return {"format": _FORMAT, "config": asdict(self.config), "state_dict": sd}
-
-    @classmethod
-    def from_state(cls, blob: dict, backend: Optional[str] = None) -> "ImagenDenoiser":
-        model = cls(ImagenConfig(**blob["config"]), backend=backend)
-        ref = model.state_dict()
-        model.load_state_dict({k: v.to(ref[k].dtype) if k in ref else v for k, v in blob["state_dict"].items()})
-        return model
 
 
 def _gdev(generator: Optional[torch.Generator]):

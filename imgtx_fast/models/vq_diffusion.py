@@ -26,9 +26,8 @@ Backends: `backend="fast" | "reference"` runs every op of forward, training_loss
 inside `imgtx_fast.backend(...)`, so the same weights run on our kernels or on the plain-PyTorch
 twins; backend=None follows `imgtx_fast.set_backend` / an enclosing `backend()` block.
 """
-import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -36,13 +35,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import _BACKENDS, backend as _backend_block
 from ..diffusion import MaskAndReplaceSchedule, TimestepSampler, posterior_sample, q_sample, vb_loss
 from ..ops.fused_attention import attention
+from ._common import ModelBase
 
 __all__ = ["VQDiffusionConfig", "VQDiffusionTransformer", "jump_schedule", "sampling_timesteps"]
 
-_FORMAT = "imgtx_fast.vq_diffusion/1"
 _CONDITIONS = ("class", "text")
 _POSITIONS = ("2d", "1d")
 
@@ -252,12 +250,16 @@ class Block(nn.Module):
         return x + self.mlp(self.norm(x) * (1 + s3) + b3)
 
 
-class VQDiffusionTransformer(nn.Module):
+class VQDiffusionTransformer(ModelBase):
     """log p(x0 | x_t, t, cond) over K codes; training_loss and sample on imgtx_fast.diffusion.
 
     backend: "fast", "reference" or None (follow imgtx_fast.set_backend); a runtime choice, not
-    saved with the weights (assign `model.backend` to switch).
+    saved with the weights (assign `model.backend` to switch). save / load / state: see
+    models._common.ModelBase.
     """
+
+    config_class = VQDiffusionConfig
+    checkpoint_format = "imgtx_fast.vq_diffusion/1"
 
     def __init__(self, config: VQDiffusionConfig, backend: Optional[str] = None):
         super().__init__()
@@ -283,20 +285,6 @@ class VQDiffusionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(E, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(E)
         self.to_logits = nn.Linear(E, cfg.num_codes)
-
-    # -- backend ----------------------------------------------------------------------------
-    @property
-    def backend(self) -> Optional[str]:
-        return self._backend_name
-
-    @backend.setter
-    def backend(self, name: Optional[str]) -> None:
-        if name is not None and name not in _BACKENDS:
-            raise ValueError(f"VQDiffusionTransformer: backend must be one of {_BACKENDS} or None, got {name!r}")
-        self._backend_name = name
-
-    def _backend(self):
-        return contextlib.nullcontext() if self.backend is None else _backend_block(self.backend)
 
     # -- input checks -----------------------------------------------------------------------
     def _tokens(self, x: Tensor, name: str, op: str, allow_mask: bool) -> Tensor:
@@ -493,18 +481,3 @@ class VQDiffusionTransformer(nn.Module):
                     logp = self._logp(x, torch.full((B,), t, device=device), cond, cond_lengths, None)
                     x = posterior_sample(logp, x, i, jumps, generator, truncation_rate=truncation_rate)
         return x.view(B, cfg.height, cfg.width)
-
-    # -- checkpoints ------------------------------------------------------------------------
-    def save(self, path) -> None:
-        """One file: the config (plain values) and the state dict."""
-        torch.save({"format": _FORMAT, "config": asdict(self.config), "state_dict": self.state_dict()}, path)
-
-    @classmethod
-    def load(cls, path, map_location="cpu", backend: Optional[str] = None) -> "VQDiffusionTransformer":
-        """The model `save` wrote (weights_only loading: no code runs from the file)."""
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
-            raise ValueError(f"VQDiffusionTransformer.load: {path} is not a {_FORMAT} checkpoint")
-        model = cls(VQDiffusionConfig(**blob["config"]), backend=backend)
-        model.load_state_dict(blob["state_dict"])
-        return model

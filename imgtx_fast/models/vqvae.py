@@ -6,7 +6,6 @@ attention blocks and no GAN/perceptual loss, which a 16x16 or 32x32 CPU demo doe
 The only non-torch op is the codebook lookup, so `backend=` switches exactly that between
 our kernel and the plain-PyTorch reference while the weights stay the same.
 """
-import contextlib
 import dataclasses
 import math
 import time
@@ -17,9 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import _BACKENDS, backend as _use_backend
 from ..nn import VectorQuantizer
 from ..ops.codebook import codebook_lookup
+from ..training import progress_bar
+from ._common import ModelBase
 
 __all__ = ["VQVAE", "VQVAEConfig", "train_vqvae"]
 
@@ -163,7 +163,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(self.body(self.conv_in(z)))))
 
 
-class VQVAE(nn.Module):
+class VQVAE(ModelBase):
     """Image tokenizer: images (B, C, H, W) in [-1, 1] <-> tokens (B, H/f, W/f) in [0, K).
 
     encode(x) -> tokens; decode_tokens(tokens) -> images (unclamped; clamp to [-1, 1] to show);
@@ -194,19 +194,6 @@ class VQVAE(nn.Module):
             dead_code_threshold=config.dead_code_threshold, legacy=False)
         self.decoder = Decoder(config)
 
-    @property
-    def backend(self) -> Optional[str]:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: Optional[str]) -> None:
-        if name is not None and name not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS} or None, got {name!r}")
-        self._backend = name
-
-    def _backend_scope(self):
-        return _use_backend(self._backend) if self._backend else contextlib.nullcontext()
-
     def _check_images(self, x) -> None:
         cfg, f = self.config, self.config.downsample_factor
         if not isinstance(x, Tensor):
@@ -221,7 +208,7 @@ class VQVAE(nn.Module):
 
     def forward(self, x: Tensor):
         self._check_images(x)
-        with self._backend_scope():
+        with self._backend():
             z = self.encoder(x)
             z_q, commit, (perplexity, _, indices) = self.quantizer(z)
         recon = self.decoder(z_q)
@@ -240,7 +227,7 @@ class VQVAE(nn.Module):
         quantizer's forward, which in training mode would also move the EMA codebook."""
         self._check_images(x)
         q = self.quantizer
-        with self._backend_scope():
+        with self._backend():
             z = self.encoder(x)
             indices, _ = codebook_lookup(z.movedim(1, -1), q.embedding.weight, metric=q.metric)
         return indices
@@ -281,17 +268,6 @@ class VQVAE(nn.Module):
         return model.eval()
 
 
-def _progress_bar(total: int, enabled: bool):
-    """tqdm when it is installed (it is not a dependency), else nothing; the caller prints."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="vqvae", unit="step")
-
-
 def train_vqvae(model: VQVAE, images: Tensor, steps: int = 1000, batch_size: int = 64,
                 lr: float = 2e-3, log_every: int = 100, progress: bool = True,
                 seed: int = 0) -> List[float]:
@@ -317,7 +293,7 @@ def train_vqvae(model: VQVAE, images: Tensor, steps: int = 1000, batch_size: int
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     g = torch.Generator().manual_seed(seed)
     losses: List[Tensor] = []
-    bar = _progress_bar(steps, progress)
+    bar = progress_bar(steps, "vqvae", progress)
     model.train()
     start = time.perf_counter()
     try:
