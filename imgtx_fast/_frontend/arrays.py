@@ -46,9 +46,10 @@ def two_level_rows(shape: Sequence[int], strides: Sequence[int]):
     """View the leading dims of an (..., D) array as (batch, rows) with one stride each.
 
     Returns (batch, rows, stride_batch, stride_row), or None when the leading dims do not
-    collapse to two levels (the caller then copies). The same arithmetic as the torch ops'
-    ops/_launch.two_level_rows: contiguous inputs, column slices of fused projections and
-    (B, C, H, W) transposed to (B, H, W, C) all pass without a copy.
+    collapse to two levels (the caller then copies). Strides in elements; the torch ops'
+    ops/_launch.two_level_rows calls this with a tensor's shape and stride(). Contiguous
+    inputs, column slices of fused projections and (B, C, H, W) transposed to (B, H, W, C) all
+    pass without a copy.
     """
     dims = [(s, st) for s, st in zip(shape[:-1], strides[:-1]) if s != 1]
     merged = []

@@ -1,7 +1,10 @@
 """attention for the framework-free front ends: ops/fused_attention.py's checks (attention,
-attention_op, _check) and its forward kernel call, on arrays."""
+attention_op, _check) and its forward kernel call, on arrays. The kernels' argument encoding
+(pattern_args, NO_MASK, mask_arg) and the shape checks (check_shapes) live here only: the
+torch op imports them."""
 import math
 import numbers
+from typing import List
 
 import numpy as np
 
@@ -16,19 +19,54 @@ _NO_CAUSAL = _C.ATTN_NO_CAUSAL
 LSE_EMPTY = float(np.finfo(np.float32).min)  # reference.attention.LSE_EMPTY: a query sees no key
 
 # The kernels' pattern list [kind, block, filter_width, causal, height, width, qh, qw, fh, fw]
-# and mask kinds (csrc/bindings/attention.cpp); the same encoding as fused_attention.pattern_args,
-# which lives in a torch module and so cannot be imported here.
+# and mask kinds (csrc/bindings/attention.cpp), for this module and ops/fused_attention.py.
 _DENSE, _LOCAL1D, _LOCAL2D = 0, 1, 2
 _MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2
 
 
-def pattern_args(pattern):
+def pattern_args(pattern) -> List[int]:
     if pattern is None:
         return [_DENSE, 0, 0, 0, 0, 0, 0, 0, 0, 0]
     if isinstance(pattern, Local1d):
         return [_LOCAL1D, pattern.block, pattern.filter_width, int(pattern.causal), 0, 0, 0, 0, 0, 0]
-    (qh, qw), (fh, fw) = pattern.query_shape, pattern.memory_flange
-    return [_LOCAL2D, 0, 0, int(pattern.causal), pattern.height, pattern.width, qh, qw, fh, fw]
+    if isinstance(pattern, Local2d):
+        (qh, qw), (fh, fw) = pattern.query_shape, pattern.memory_flange
+        return [_LOCAL2D, 0, 0, int(pattern.causal), pattern.height, pattern.width, qh, qw, fh, fw]
+    raise TypeError(f"{_OP}: pattern must be Local1d, Local2d or None, got {type(pattern).__name__}")
+
+
+NO_MASK = (0, _MASK_NONE, 0, 0, 0, 0, 0)  # the kernels' attn_mask argument without a mask
+
+
+def mask_arg(ptr: int, dtype_code, strides) -> tuple:
+    """The kernels' attn_mask argument (ptr, kind, dtype code, its 4 strides in elements):
+    dtype_code None for a bool mask (True = visible), else the additive float mask's code."""
+    if dtype_code is None:
+        return (ptr, _MASK_BOOL, 0) + tuple(strides)
+    return (ptr, _MASK_ADD, dtype_code) + tuple(strides)
+
+
+def check_shapes(q_shape, k_shape, v_shape, pattern) -> None:
+    """The checks of q (B, H, Nq, D), k/v (B, Hkv, Nk, D[v]) shapes against each other and
+    against the pattern, on shapes (tuples or torch.Size): the torch op's and the front ends'."""
+    B, H, Nq, D = q_shape
+    if k_shape[0] != B or v_shape[0] != B:
+        raise ValueError(f"{_OP}: batch sizes differ: q {B}, k {k_shape[0]}, v {v_shape[0]}")
+    if k_shape[1] != v_shape[1] or k_shape[2] != v_shape[2]:
+        raise ValueError(f"{_OP}: k and v must have the same (B, heads, N), got {tuple(k_shape)} "
+                         f"and {tuple(v_shape)}")
+    Hkv = k_shape[1]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"{_OP}: k/v heads ({Hkv}) must divide q heads ({H}) (GQA/MQA)")
+    if k_shape[3] != D:
+        raise ValueError(f"{_OP}: q and k head dims differ: {D} and {k_shape[3]}")
+    for name, d in (("q/k", D), ("v", v_shape[3])):
+        if not 1 <= d <= _MAX_HEAD_DIM:
+            raise ValueError(f"{_OP}: {name} head dim must be in [1, {_MAX_HEAD_DIM}], got {d}")
+    if pattern is not None:
+        if not isinstance(pattern, (Local1d, Local2d)):
+            raise TypeError(f"{_OP}: pattern must be Local1d, Local2d or None, got {type(pattern).__name__}")
+        pattern.check(Nq, k_shape[2])
 
 
 def _check(rt, q, k, v, key_lengths, attn_mask, pattern, scale):
@@ -42,25 +80,9 @@ def _check(rt, q, k, v, key_lengths, attn_mask, pattern, scale):
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{_OP}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     device = same_device(rt, _OP, q=q, k=k, v=v)
-    B, H, Nq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"{_OP}: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
-        raise ValueError(f"{_OP}: k and v must have the same (B, heads, N), got {tuple(k.shape)} "
-                         f"and {tuple(v.shape)}")
-    Hkv = k.shape[1]
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"{_OP}: k/v heads ({Hkv}) must divide q heads ({H}) (GQA/MQA)")
-    if k.shape[3] != D:
-        raise ValueError(f"{_OP}: q and k head dims differ: {D} and {k.shape[3]}")
-    for name, d in (("q/k", D), ("v", v.shape[3])):
-        if not 1 <= d <= _MAX_HEAD_DIM:
-            raise ValueError(f"{_OP}: {name} head dim must be in [1, {_MAX_HEAD_DIM}], got {d}")
+    check_shapes(q.shape, k.shape, v.shape, pattern)
+    B, H, Nq, _ = q.shape
     Nk = k.shape[2]
-    if pattern is not None:
-        if not isinstance(pattern, (Local1d, Local2d)):
-            raise TypeError(f"{_OP}: pattern must be Local1d, Local2d or None, got {type(pattern).__name__}")
-        pattern.check(Nq, Nk)
     if key_lengths is not None:
         key_lengths = rt.array(key_lengths, "key_lengths", _OP)
         if key_lengths.dtype.kind != "i" or key_lengths.dtype.itemsize not in (4, 8):
@@ -107,12 +129,9 @@ def _mask_view(rt, mask, shape):
 
 def _mask_arg(rt, mask):
     if mask is None:
-        return (0, _MASK_NONE, 0, 0, 0, 0, 0)
-    if mask.dtype == np.bool_:
-        kind, code = _MASK_BOOL, 0
-    else:
-        kind, code = _MASK_ADD, float_code(mask, "attn_mask", _OP)
-    return (rt.ptr(mask), kind, code) + element_strides(mask)
+        return NO_MASK
+    code = None if mask.dtype == np.bool_ else float_code(mask, "attn_mask", _OP)
+    return mask_arg(rt.ptr(mask), code, element_strides(mask))
 
 
 def attention(rt, q, k, v, causal, key_lengths, attn_mask, pattern, scale, return_lse):

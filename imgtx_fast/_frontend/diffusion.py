@@ -7,10 +7,12 @@ from .arrays import float_code, is_integer
 from .common import philox_key, strided
 from .schedule import MaskAndReplaceSchedule
 
-_BAD_LOGITS, _BAD_INDEX = 1, 2  # the kernels' status bits (ops/diffusion.py)
+_BAD_LOGITS, _BAD_INDEX = 1, 2  # the kernels' status bits
 
 
-def _raise_status(status: int, op: str, logits_name: str, index_msg: str) -> None:
+def raise_status(status: int, op: str, logits_name: str, index_msg: str) -> None:
+    """Raises for the status word of a diffusion kernel (the CPU return value or the CUDA
+    status buffer): bad logits first, then out-of-range indices."""
     if status & _BAD_LOGITS:
         raise ValueError(f"{op}: {logits_name} has a token whose values hold NaN or +inf, or are all -inf")
     if status & _BAD_INDEX:
@@ -18,12 +20,22 @@ def _raise_status(status: int, op: str, logits_name: str, index_msg: str) -> Non
 
 
 def _check_schedule(sched, op):
-    # The torch MaskAndReplaceSchedule is accepted as well: its table is a CPU tensor, which
-    # numpy reads through __array__ without this module importing torch.
+    # The torch MaskAndReplaceSchedule (a subclass of this one) is accepted as well: its table
+    # is a CPU tensor, which numpy reads through __array__ without this module importing torch.
     if not (isinstance(sched, MaskAndReplaceSchedule)
             or (type(sched).__name__ == "MaskAndReplaceSchedule"
                 and all(hasattr(sched, a) for a in ("num_classes", "num_timesteps", "table")))):
         raise TypeError(f"{op}: sched must be a MaskAndReplaceSchedule, got {type(sched).__name__}")
+
+
+def check_truncation_and_guidance(truncation_rate, guidance_scale, log_p_x0_uncond, op: str) -> None:
+    """The posterior ops' truncation_rate and guidance arguments (diffusion/sampling.py too)."""
+    if truncation_rate is not None:
+        r = float(truncation_rate)
+        if not 0.0 < r <= 1.0:
+            raise ValueError(f"{op}: truncation_rate must be in (0, 1], got {truncation_rate}")
+    if (guidance_scale is None) != (log_p_x0_uncond is None):
+        raise ValueError(f"{op}: guidance_scale and log_p_x0_uncond must be given together")
 
 
 def _check_logp(rt, t, name, sched, op):
@@ -106,12 +118,7 @@ def posterior(rt, log_p_x0, x_t, t, sched, generator, truncation_rate, guidance_
     B, K, N = logp.shape
     device = rt.device(logp)
     x_t = _check_index(rt, x_t, "x_t", (B, N), device, op)
-    if truncation_rate is not None:
-        r = float(truncation_rate)
-        if not 0.0 < r <= 1.0:
-            raise ValueError(f"{op}: truncation_rate must be in (0, 1], got {truncation_rate}")
-    if (guidance_scale is None) != (log_p_x0_uncond is None):
-        raise ValueError(f"{op}: guidance_scale and log_p_x0_uncond must be given together")
+    check_truncation_and_guidance(truncation_rate, guidance_scale, log_p_x0_uncond, op)
     uncond = None
     if log_p_x0_uncond is not None:
         uncond = _check_logp(rt, log_p_x0_uncond, "log_p_x0_uncond", sched, op)
@@ -144,7 +151,7 @@ def posterior(rt, log_p_x0, x_t, t, sched, generator, truncation_rate, guidance_
         x_t, x_t_arg = _index_arg(rt, x_t)
         args = (B, K, N, logp_arg, uncond_arg, s, r, x_t_arg, rt.ptr(coefs),
                 rt.ptr(out) if sample else 0, out_arg, rt.ptr(seed) if sample else 0)
-        _raise_status(rt.mr_posterior(args), op, name, f"x_t has values outside [0, {K}]")
+        raise_status(rt.mr_posterior(args), op, name, f"x_t has values outside [0, {K}]")
     return out
 
 
@@ -167,6 +174,6 @@ def q_sample(rt, x0, t, sched, generator):
             return x_t
         x0, x0_arg = _index_arg(rt, x0)
         args = (B, K, N, x0_arg, rt.ptr(coefs), rt.ptr(seed), rt.ptr(x_t))
-        _raise_status(rt.mr_q_sample(args), op, "", f"x0 has values outside [0, {K})")
+        raise_status(rt.mr_q_sample(args), op, "", f"x0 has values outside [0, {K})")
     return x_t
 

@@ -1,9 +1,8 @@
 """The mask-and-replace schedule table in NumPy, for the framework-free front ends.
 
-Same values, checks and messages as imgtx_fast.diffusion.MaskAndReplaceSchedule (which builds
-the table with torch); tests/test_numpy_frontend.py asserts the two tables are bitwise equal.
-The torch class could build its table from this one (torch.from_numpy) and keep one copy of the
-arithmetic; until then, a change to either must be made to both.
+The one copy of the schedule's checks, messages and arithmetic: the torch class,
+imgtx_fast.diffusion.MaskAndReplaceSchedule, subclasses this one and only turns the arrays into
+tensors (tests/test_numpy_frontend.py asserts the two tables are bitwise equal).
 """
 import numpy as np
 
@@ -37,7 +36,6 @@ class MaskAndReplaceSchedule:
         self.num_classes = K = num_classes
         self.num_timesteps = T = num_timesteps
         self.config = dict(zip(_NAMES, map(float, values)))
-        # The operations and their order are the torch class's, so every value rounds alike.
         frac = np.arange(T, dtype=np.float64) / (T - 1)
         A = alpha_cum_start + frac * (alpha_cum_end - alpha_cum_start)
         C = gamma_cum_start + frac * (gamma_cum_end - gamma_cum_start)

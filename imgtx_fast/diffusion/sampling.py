@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .._backend import get_backend
 from .._dtypes import float_code
+from .._frontend.diffusion import check_truncation_and_guidance
 from ..ops import diffusion as _ops
 from ..reference import diffusion as _reference
 from .schedule import MaskAndReplaceSchedule
@@ -72,12 +73,7 @@ def _check_sampling_args(log_p_x0, x_t, t, sched, truncation_rate, guidance_scal
     check_logp(log_p_x0, "log_p_x0", sched, op)
     B, K, N = log_p_x0.shape
     x_t = check_index(x_t, "x_t", (B, N), log_p_x0.device, op)
-    if truncation_rate is not None:
-        r = float(truncation_rate)
-        if not 0.0 < r <= 1.0:
-            raise ValueError(f"{op}: truncation_rate must be in (0, 1], got {truncation_rate}")
-    if (guidance_scale is None) != (log_p_x0_uncond is None):
-        raise ValueError(f"{op}: guidance_scale and log_p_x0_uncond must be given together")
+    check_truncation_and_guidance(truncation_rate, guidance_scale, log_p_x0_uncond, op)
     if log_p_x0_uncond is not None:
         check_logp(log_p_x0_uncond, "log_p_x0_uncond", sched, op)
         if log_p_x0_uncond.shape != log_p_x0.shape or log_p_x0_uncond.device != log_p_x0.device:

@@ -10,71 +10,29 @@ from typing import Dict, Union
 import torch
 from torch import Tensor
 
-from .. import _C
-
-_NAMES = ("alpha_cum_start", "alpha_cum_end", "gamma_cum_start", "gamma_cum_end")
+from .._frontend import schedule as _array_schedule
 
 
-class MaskAndReplaceSchedule:
+class MaskAndReplaceSchedule(_array_schedule.MaskAndReplaceSchedule):
     """K real classes plus MASK (= K); T timesteps; cumulative alpha/gamma linear in t.
 
     Raises ValueError when the schedule is not a valid mask-and-replace process (every
     probability in [0, 1], and B_t > 0, b_t > 0 so that every posterior is well defined).
+    The checks and the float64 arithmetic are the torch-free schedule's
+    (imgtx_fast._frontend.schedule, which imgtx_fast.numpy exports); this class holds its
+    table and A, B, C as CPU tensors and adds the per-device table and `coefs(t)`.
     """
 
     def __init__(self, num_classes: int, num_timesteps: int = 100, *,
                  alpha_cum_start: float = 0.99999, alpha_cum_end: float = 0.000009,
                  gamma_cum_start: float = 0.000009, gamma_cum_end: float = 0.99999):
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"MaskAndReplaceSchedule: num_classes must be an int >= 1, got {num_classes!r}")
-        if num_classes > 2**30:
-            raise ValueError(f"MaskAndReplaceSchedule: num_classes must be <= 2^30, got {num_classes}")
-        if not isinstance(num_timesteps, int) or num_timesteps < 2:
-            raise ValueError(f"MaskAndReplaceSchedule: num_timesteps must be an int >= 2, got {num_timesteps!r}")
-        values = (alpha_cum_start, alpha_cum_end, gamma_cum_start, gamma_cum_end)
-        for name, v in zip(_NAMES, values):
-            if not 0.0 <= float(v) <= 1.0:
-                raise ValueError(f"MaskAndReplaceSchedule: {name} must be in [0, 1], got {v}")
-        self.num_classes = K = num_classes
-        self.num_timesteps = T = num_timesteps
-        self.config = dict(zip(_NAMES, map(float, values)))
-        frac = torch.arange(T, dtype=torch.float64) / (T - 1)
-        A = alpha_cum_start + frac * (alpha_cum_end - alpha_cum_start)
-        C = gamma_cum_start + frac * (gamma_cum_end - gamma_cum_start)
-        A_prev = torch.cat([torch.ones(1, dtype=torch.float64), A[:-1]])
-        C_prev = torch.cat([torch.zeros(1, dtype=torch.float64), C[:-1]])
-        B, B_prev = (1 - A - C) / K, (1 - A_prev - C_prev) / K
-        if not bool((A > 0).all()):
-            raise ValueError("MaskAndReplaceSchedule: alpha_cum_start/alpha_cum_end must be > 0")
-        if not bool((C < 1).all()):
-            raise ValueError("MaskAndReplaceSchedule: gamma_cum_start/gamma_cum_end must be < 1")
-        if not bool((B > 0).all()):
-            raise ValueError("MaskAndReplaceSchedule: alpha_cum + gamma_cum must stay < 1 at every t "
-                             "(B_t = (1 - A_t - C_t) / K must be > 0)")
-        a = A / A_prev
-        c = 1 - (1 - C) / (1 - C_prev)
-        b = (1 - a - c) / K
-        if not bool(((a > 0) & (a <= 1) & (c >= 0) & (c < 1) & (b > 0)).all()):
-            raise ValueError("MaskAndReplaceSchedule: the one-step transitions are not probabilities "
-                             "(alpha_cum must decrease and gamma_cum increase over t)")
-        # Columns in the order of enum MrCoef (csrc/include/imgtx/diffusion.h).
-        t0 = torch.zeros(T, dtype=torch.float64)
-        t0[0] = 1.0
-        self.table = torch.stack([a, b, c, A, B, C, A_prev, B_prev, C_prev, t0], dim=1).contiguous()
-        assert self.table.shape[1] == _C.MR_COEFS
-        self.A, self.B, self.C = A, B, C
+        super().__init__(num_classes, num_timesteps, alpha_cum_start=alpha_cum_start,
+                         alpha_cum_end=alpha_cum_end, gamma_cum_start=gamma_cum_start,
+                         gamma_cum_end=gamma_cum_end)
+        # Copies (the array table is read-only): writable float64 CPU tensors, bitwise the arrays.
+        self.table = torch.tensor(self.table)
+        self.A, self.B, self.C = (torch.tensor(x) for x in (self.A, self.B, self.C))
         self._on_device: Dict[torch.device, Tensor] = {}
-
-    @classmethod
-    def from_diffusers(cls, scheduler) -> "MaskAndReplaceSchedule":
-        """The schedule of a diffusers VQDiffusionScheduler (its config)."""
-        cfg = scheduler.config
-        return cls(cfg.num_vec_classes - 1, cfg.num_train_timesteps,
-                   **{name: cfg[name] for name in _NAMES})
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v}" for k, v in self.config.items())
-        return f"MaskAndReplaceSchedule(num_classes={self.num_classes}, num_timesteps={self.num_timesteps}, {args})"
 
     def table_on(self, device: torch.device) -> Tensor:
         device = torch.device(device)

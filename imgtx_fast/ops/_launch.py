@@ -1,6 +1,8 @@
 """Shared glue between torch tensors and the compiled core: threads, streams, stride views."""
 import torch
 
+from .._frontend.arrays import two_level_rows as _two_level_rows
+
 
 def num_threads() -> int:
     """The CPU kernels use exactly torch's intra-op thread count, so they never oversubscribe."""
@@ -18,19 +20,11 @@ def two_level_rows(t: torch.Tensor):
     Returns (t, batch, rows, stride_batch, stride_row) where t may be a contiguous copy when the
     leading dims do not collapse to two levels (the only case that costs a copy). Covers
     contiguous inputs, column slices of fused projections and (B, C, H, W) permuted to
-    (B, H, W, C).
+    (B, H, W, C). The arithmetic is the front ends' (_frontend/arrays.two_level_rows).
     """
-    dims = [(s, st) for s, st in zip(t.shape[:-1], t.stride()[:-1]) if s != 1]
-    merged = []
-    for size, stride in reversed(dims):  # innermost first
-        if merged and merged[-1][1] * merged[-1][0] == stride:
-            merged[-1] = (merged[-1][0] * size, merged[-1][1])
-        else:
-            merged.append((size, stride))
-    if len(merged) > 2:
+    rows = _two_level_rows(t.shape, t.stride())
+    if rows is None:
         t = t.contiguous()
         n = t.numel() // t.shape[-1] if t.shape[-1] else 0
         return t, 1, n, 0, t.shape[-1]
-    merged += [(1, 0)] * (2 - len(merged))
-    (rows, stride_row), (batch, stride_batch) = merged
-    return t, batch, rows, stride_batch, stride_row
+    return (t,) + rows

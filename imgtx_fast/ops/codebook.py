@@ -12,19 +12,21 @@ from torch import Tensor
 from .. import _C
 from .._backend import get_backend
 from .._dtypes import float_code
+from .._frontend import codebook as _array_codebook
+from .._frontend.codebook import _METRICS, _OP, check_metric_and_shapes
 from ..reference import codebook as _reference
 from ._launch import cuda_stream, num_threads, two_level_rows
 
-_METRICS = {"l2": 0, "cosine": 1}
-_INT32_MAX = 2**31 - 1
-_OP = "codebook_lookup"
-
 
 class CodebookLookup(NamedTuple):
+    """The torch twin of the front ends' CodebookLookup (_frontend/codebook.py): same fields."""
     indices: Tensor    # int64, z.shape[:-1]
     quantized: Tensor  # z.shape, z.dtype (straight-through gradient to z)
     sqdist: Tensor     # float32, z.shape[:-1]: |z - quantized|^2 per vector
     counts: Tensor     # int64, (K,): how many vectors chose each code
+
+
+assert CodebookLookup._fields == _array_codebook.CodebookLookup._fields
 
 
 def _check(z: Tensor, codebook: Tensor, metric: str) -> None:
@@ -37,20 +39,7 @@ def _check(z: Tensor, codebook: Tensor, metric: str) -> None:
     for name, t in (("z", z), ("codebook", codebook)):
         if t.layout != torch.strided:  # sparse/mkldnn tensors have no strided data pointer
             raise TypeError(f"{_OP}: {name} must be a dense (strided) tensor, got {t.layout}")
-    if not isinstance(metric, str) or metric not in _METRICS:
-        raise ValueError(f"{_OP}: metric must be 'l2' or 'cosine', got {metric!r}")
-    if codebook.dim() != 2:
-        raise ValueError(f"{_OP}: codebook must be 2-D (K, D), got shape {tuple(codebook.shape)}")
-    K, D = codebook.shape
-    if K == 0:
-        raise ValueError(f"{_OP}: codebook is empty (K = 0)")
-    if K > _INT32_MAX:
-        raise ValueError(f"{_OP}: codebook has {K} codes; at most 2^31 - 1 are supported")
-    if D == 0:
-        raise ValueError(f"{_OP}: codebook has D = 0")
-    if z.dim() == 0 or z.shape[-1] != D:
-        raise ValueError(
-            f"{_OP}: z must have shape (..., D) with D = {D} (codebook's), got {tuple(z.shape)}")
+    check_metric_and_shapes(metric, z.shape, codebook.shape)
     if z.device != codebook.device:
         raise ValueError(f"{_OP}: z and codebook must be on the same device; z is on {z.device}, codebook on {codebook.device}")
     if z.device.type not in ("cpu", "cuda"):

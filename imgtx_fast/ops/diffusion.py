@@ -18,9 +18,8 @@ from torch import Tensor
 
 from .. import _C
 from .._dtypes import float_code
+from .._frontend.diffusion import raise_status as _raise_status
 from ._launch import cuda_stream, num_threads
-
-_BAD_LOGITS, _BAD_INDEX = 1, 2
 
 
 def _logits_arg(t: Tensor, name: str, op: str):
@@ -29,13 +28,6 @@ def _logits_arg(t: Tensor, name: str, op: str):
 
 def _index_arg(t: Tensor):
     return (t.data_ptr(), t.stride(0), t.stride(1))
-
-
-def _raise_status(status: int, op: str, logits_name: str, index_msg: str) -> None:
-    if status & _BAD_LOGITS:
-        raise ValueError(f"{op}: {logits_name} has a token whose values hold NaN or +inf, or are all -inf")
-    if status & _BAD_INDEX:
-        raise ValueError(f"{op}: {index_msg}")
 
 
 def _cuda_status(device) -> Tensor:

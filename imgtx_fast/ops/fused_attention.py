@@ -18,28 +18,13 @@ from torch import Tensor
 from .. import _C
 from .._backend import get_backend
 from .._dtypes import float_code
+# The kernels' argument encoding (pattern list, attn_mask argument) and the shape checks are the
+# torch-free front end's; `_NO_CAUSAL` is the causal_offset meaning "not causal".
+from .._frontend.attention import (_LOCAL1D, _LOCAL2D, _NO_CAUSAL, _OP, NO_MASK, check_shapes,
+                                   mask_arg, pattern_args)
 from ..patterns import Local1d, Local2d
 from ..reference import attention as _reference
 from ._launch import cuda_stream, num_threads
-
-_OP = "attention"
-_MAX_HEAD_DIM = 256
-_NO_CAUSAL = _C.ATTN_NO_CAUSAL  # causal_offset meaning "not causal"
-
-# pattern list: [kind, block, filter_width, causal, height, width, qh, qw, fh, fw]
-_DENSE, _LOCAL1D, _LOCAL2D = 0, 1, 2
-_MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2
-
-
-def pattern_args(pattern) -> List[int]:
-    if pattern is None:
-        return [_DENSE, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-    if isinstance(pattern, Local1d):
-        return [_LOCAL1D, pattern.block, pattern.filter_width, int(pattern.causal), 0, 0, 0, 0, 0, 0]
-    if isinstance(pattern, Local2d):
-        (qh, qw), (fh, fw) = pattern.query_shape, pattern.memory_flange
-        return [_LOCAL2D, 0, 0, int(pattern.causal), pattern.height, pattern.width, qh, qw, fh, fw]
-    raise TypeError(f"{_OP}: pattern must be Local1d, Local2d or None, got {type(pattern).__name__}")
 
 
 def pattern_from_args(args: List[int]):
@@ -57,12 +42,9 @@ def _tensor_arg(t: Tensor, name: str):
 
 def _mask_arg(mask: Optional[Tensor]):
     if mask is None:
-        return (0, _MASK_NONE, 0, 0, 0, 0, 0)
-    if mask.dtype == torch.bool:
-        kind, code = _MASK_BOOL, 0
-    else:
-        kind, code = _MASK_ADD, float_code(mask, "attn_mask", _OP)
-    return (mask.data_ptr(), kind, code) + tuple(mask.stride())
+        return NO_MASK
+    code = None if mask.dtype == torch.bool else float_code(mask, "attn_mask", _OP)
+    return mask_arg(mask.data_ptr(), code, mask.stride())
 
 
 def _dense_last(t: Tensor) -> Tensor:
@@ -276,24 +258,9 @@ def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
         raise ValueError(f"{_OP}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.device.type not in ("cpu", "cuda"):  # meta tensors have no data for the kernels
         raise ValueError(f"{_OP}: q, k and v must be on a cpu or cuda device, got {q.device}")
-    B, H, Nq, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"{_OP}: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
-        raise ValueError(f"{_OP}: k and v must have the same (B, heads, N), got {tuple(k.shape)} and {tuple(v.shape)}")
-    Hkv = k.shape[1]
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"{_OP}: k/v heads ({Hkv}) must divide q heads ({H}) (GQA/MQA)")
-    if k.shape[3] != D:
-        raise ValueError(f"{_OP}: q and k head dims differ: {D} and {k.shape[3]}")
-    for name, d in (("q/k", D), ("v", v.shape[3])):
-        if not 1 <= d <= _MAX_HEAD_DIM:
-            raise ValueError(f"{_OP}: {name} head dim must be in [1, {_MAX_HEAD_DIM}], got {d}")
+    check_shapes(q.shape, k.shape, v.shape, pattern)
+    B, H, Nq, _ = q.shape
     Nk = k.shape[2]
-    if pattern is not None:
-        if not isinstance(pattern, (Local1d, Local2d)):
-            raise TypeError(f"{_OP}: pattern must be Local1d, Local2d or None, got {type(pattern).__name__}")
-        pattern.check(Nq, Nk)
     if key_lengths is not None:
         if not isinstance(key_lengths, Tensor) or key_lengths.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{_OP}: key_lengths must be an int32/int64 tensor of shape ({B},)")
