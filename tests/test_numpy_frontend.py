@@ -9,6 +9,7 @@ front end does not import torch.
 """
 import subprocess
 import sys
+import tempfile
 import types
 import zlib
 
@@ -63,7 +64,10 @@ def key_from(gen: torch.Generator) -> int:
 
 # ---- import: no torch -------------------------------------------------------------------------
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    """`python -c code` outside the checkout: with `-c` the working directory comes first on
+    sys.path, and a source tree there (no compiled _C; CI runs from one) would shadow the install."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=tempfile.gettempdir())
 
 
 def test_importing_the_numpy_front_end_does_not_import_torch():
