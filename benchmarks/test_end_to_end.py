@@ -218,6 +218,29 @@ def assert_backends_agree(model, loss_fn, label: str, loss_tol: float = 1e-4):
         assert err <= 1e-3 * scale + 1e-6, f"{label}: grad {name}: max error {err:.3g} (scale {scale:.3g})"
 
 
+def time_training_step(benchmark, settings, model, batch: int, loss):
+    """Median seconds of one training step (loss(batch) forward + backward) per backend, timed
+    round-robin after a one-row warm-up of each; returns (medians, last losses, rounds) and
+    checks that the losses are finite."""
+    def stepper(be, n):
+        def run():
+            model.backend = be
+            model.zero_grad(set_to_none=True)
+            value = loss(n)
+            value.backward()
+            return value.detach().item()
+        return run
+
+    def run_all():
+        for be in BACKENDS:
+            stepper(be, 1)()
+        return interleave({be: stepper(be, batch) for be in BACKENDS}, settings)
+
+    medians, losses, rounds = benchmark.pedantic(run_all, rounds=1, iterations=1, warmup_rounds=0)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    return medians, losses, rounds
+
+
 def record_sampling(benchmark, bench_results, name, shape, batch, timed_steps, rounds, mode, medians,
                     what, bar=None, steps=None):
     """One sampling row of the end-to-end summary (and the benchmark's extra_info): medians are
@@ -283,25 +306,11 @@ def test_training_step(benchmark, bench_settings, bench_results, name):
     check_gradients_agree(model, m)
     x0, cond, lengths = train_batch(m, m.train_batch)
 
-    def stepper(be, n):
-        ls = None if lengths is None else lengths[:n]
+    def loss(n):
+        return model.training_loss(x0[:n], cond[:n], cond_lengths=None if lengths is None else lengths[:n],
+                                   generator=torch.Generator().manual_seed(7))
 
-        def run():
-            model.backend = be
-            model.zero_grad(set_to_none=True)
-            loss = model.training_loss(x0[:n], cond[:n], cond_lengths=ls,
-                                       generator=torch.Generator().manual_seed(7))
-            loss.backward()
-            return float(loss)
-        return run
-
-    def run_all():
-        for be in BACKENDS:
-            stepper(be, 1)()
-        return interleave({be: stepper(be, m.train_batch) for be in BACKENDS}, bench_settings)
-
-    medians, losses, rounds = benchmark.pedantic(run_all, rounds=1, iterations=1, warmup_rounds=0)
-    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    medians, losses, rounds = time_training_step(benchmark, bench_settings, model, m.train_batch, loss)
     record_training(benchmark, bench_results, name, m.shape, m.train_batch, rounds, bench_settings.mode, medians)
 
 

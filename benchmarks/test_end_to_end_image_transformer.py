@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from imgtx_fast.models.image_transformer import ImageTransformer, ImageTransformerConfig
-from test_end_to_end import assert_backends_agree, interleave
+from test_end_to_end import assert_backends_agree, interleave, time_training_step
 
 SAMPLE_BARS = {"reference recompute": 10.0, "reference + KV cache": 3.0}
 
@@ -147,21 +147,8 @@ def test_training_step(benchmark, bench_settings, bench_results, name):
     model = build(m).train()
     x, y = batch(m, m.train_batch)
 
-    def stepper(be, n):
-        def run():
-            model.backend = be
-            model.zero_grad(set_to_none=True)
-            loss = model.loss(x[:n], y[:n])
-            loss.backward()
-            return float(loss)
-        return run
-
-    def run_all():
-        for be in ("fast", "reference"):
-            stepper(be, 1)()
-        return interleave({be: stepper(be, m.train_batch) for be in ("fast", "reference")}, bench_settings)
-
-    medians, losses, rounds = benchmark.pedantic(run_all, rounds=1, iterations=1, warmup_rounds=0)
+    medians, losses, rounds = time_training_step(benchmark, bench_settings, model, m.train_batch,
+                                                 lambda n: model.loss(x[:n], y[:n]))
     assert abs(losses["fast"] - losses["reference"]) < 1e-3 * abs(losses["reference"])
     _record(bench_results, m, "train step", "reference", medians["fast"], medians["reference"],
             note=f"loss fwd+bwd, batch {m.train_batch}; rounds {rounds}")

@@ -36,9 +36,9 @@ import torch
 from imgtx_fast.models.imagen import ImagenConfig, ImagenDenoiser
 
 # reuse the VQ-Diffusion end-to-end benchmark's timing loop and summary recorder (same house rules)
-from test_end_to_end import assert_backends_agree, interleave, record_sampling, record_training
+from test_end_to_end import (BACKENDS, assert_backends_agree, interleave, record_sampling, record_training,
+                             time_training_step)
 
-BACKENDS = ("fast", "reference")
 SAMPLE_BAR, TRAIN_BAR = 2.0, 1.5
 STEPS = 64                       # the sampling length
 GUIDANCE = 3.0
@@ -188,22 +188,9 @@ def test_training_step(benchmark, bench_settings, bench_results, name):
     x0 = images(m, m.train_batch)
     emb, lengths = text(m, m.train_batch)
 
-    def stepper(be, n):
-        def run():
-            model.backend = be
-            model.zero_grad(set_to_none=True)
-            loss = model.training_loss(x0[:n], emb[:n], lengths[:n], generator=torch.Generator().manual_seed(7))
-            loss.backward()
-            return loss.detach().item()
-        return run
-
-    def run_all():
-        for be in BACKENDS:
-            stepper(be, 1)()
-        return interleave({be: stepper(be, m.train_batch) for be in BACKENDS}, bench_settings)
-
-    medians, losses, rounds = benchmark.pedantic(run_all, rounds=1, iterations=1, warmup_rounds=0)
-    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    medians, losses, rounds = time_training_step(
+        benchmark, bench_settings, model, m.train_batch,
+        lambda n: model.training_loss(x0[:n], emb[:n], lengths[:n], generator=torch.Generator().manual_seed(7)))
     assert abs(losses["fast"] - losses["reference"]) <= 1e-4 * abs(losses["reference"]) + 1e-6, losses
     record_training(benchmark, bench_results, name, m.shape, m.train_batch, rounds, bench_settings.mode, medians,
                     bar=TRAIN_BAR)
