@@ -14,6 +14,7 @@ from .._backend import get_backend
 from .._dtypes import float_code
 from .._frontend.diffusion import check_truncation_and_guidance
 from ..ops import diffusion as _ops
+from ..ops._launch import eager_fast_path
 from ..reference import diffusion as _reference
 from .schedule import MaskAndReplaceSchedule
 
@@ -103,7 +104,9 @@ def posterior_sample(log_p_x0: Tensor, x_t: Tensor, t, sched: MaskAndReplaceSche
                                            guidance_scale=guidance_scale, truncation_rate=r)
     seed = philox_seed(generator, log_p_x0.device)
     s = 1.0 if guidance_scale is None else float(guidance_scale)
-    return torch.ops.imgtx.mr_posterior_sample(log_p_x0, log_p_x0_uncond, x_t, coefs, seed, s, r)
+    fast = eager_fast_path(log_p_x0, log_p_x0_uncond, x_t, coefs, seed)
+    run = _ops.posterior_sample_impl if fast else torch.ops.imgtx.mr_posterior_sample
+    return run(log_p_x0, log_p_x0_uncond, x_t, coefs, seed, s, r)
 
 
 def posterior_log_probs(log_p_x0: Tensor, x_t: Tensor, t, sched: MaskAndReplaceSchedule, *,
@@ -121,7 +124,9 @@ def posterior_log_probs(log_p_x0: Tensor, x_t: Tensor, t, sched: MaskAndReplaceS
                                               guidance_scale=guidance_scale,
                                               truncation_rate=r).float()
     s = 1.0 if guidance_scale is None else float(guidance_scale)
-    return torch.ops.imgtx.mr_posterior_log_probs(log_p_x0, log_p_x0_uncond, x_t, coefs, s, r)
+    fast = eager_fast_path(log_p_x0, log_p_x0_uncond, x_t, coefs)
+    run = _ops.posterior_log_probs_impl if fast else torch.ops.imgtx.mr_posterior_log_probs
+    return run(log_p_x0, log_p_x0_uncond, x_t, coefs, s, r)
 
 
 def q_sample(x0: Tensor, t, sched: MaskAndReplaceSchedule,
@@ -141,4 +146,5 @@ def q_sample(x0: Tensor, t, sched: MaskAndReplaceSchedule,
             raise ValueError(f"{op}: x0 has values outside [0, {sched.num_classes})")
         return _reference.q_sample(x0, coefs, sched.num_classes, generator=generator)
     seed = philox_seed(generator, x0.device)
-    return torch.ops.imgtx.mr_q_sample(x0, coefs, seed, sched.num_classes)
+    run = _ops.q_sample_impl if eager_fast_path(x0, coefs, seed) else torch.ops.imgtx.mr_q_sample
+    return run(x0, coefs, seed, sched.num_classes)

@@ -1,5 +1,6 @@
 """Shared glue between torch tensors and the compiled core: threads, streams, stride views."""
 import torch
+from torch import Tensor
 
 from .._frontend.arrays import two_level_rows as _two_level_rows
 
@@ -28,3 +29,22 @@ def two_level_rows(t: torch.Tensor):
         n = t.numel() // t.shape[-1] if t.shape[-1] else 0
         return t, 1, n, 0, t.shape[-1]
     return (t,) + rows
+
+
+def eager_fast_path(*tensors) -> bool:
+    """Whether a public function may call its op's implementation directly instead of the
+    registered custom op: plain CPU tensors (None allowed), no autograd, no torch.compile,
+    tracing, functorch transform or dispatch mode. The custom-op dispatcher costs ~40 us per
+    call, as much as the kernel of a small call (a decoding step of a small layer, a sampling
+    step of a few tokens)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._len_torch_dispatch_stack() > 0):  # e.g. FlopCounterMode sees the op
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
+            return False
+    return True

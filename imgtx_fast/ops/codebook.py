@@ -15,7 +15,7 @@ from .._dtypes import float_code
 from .._frontend import codebook as _array_codebook
 from .._frontend.codebook import _METRICS, _OP, check_metric_and_shapes
 from ..reference import codebook as _reference
-from ._launch import cuda_stream, num_threads, two_level_rows
+from ._launch import cuda_stream, eager_fast_path, num_threads, two_level_rows
 
 
 class CodebookLookup(NamedTuple):
@@ -51,6 +51,11 @@ def _codebook_lookup_op(z: Tensor, codebook: Tensor, metric: str) -> Tuple[Tenso
     """Returns (quantized, sqdist, indices, counts): floating outputs first, the order torch's
     opcheck harness needs to sum outputs for its autograd checks."""
     _check(z, codebook, metric)
+    return _lookup(z, codebook, metric)
+
+
+def _lookup(z: Tensor, codebook: Tensor, metric: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The op's implementation, arguments already checked."""
     lead, (K, D) = z.shape[:-1], codebook.shape
     indices = torch.empty(lead, dtype=torch.int64, device=z.device)
     quantized = torch.empty(z.shape, dtype=z.dtype, device=z.device)
@@ -136,6 +141,7 @@ def codebook_lookup(z: Tensor, codebook: Tensor, *, metric: str = "l2", return_s
     if get_backend() == "reference":
         out = CodebookLookup(*_reference.codebook_lookup_differentiable(z, codebook, metric))
     else:
-        quantized, sqdist, indices, counts = torch.ops.imgtx.codebook_lookup(z, codebook, metric)
+        run = _lookup if eager_fast_path(z, codebook) else torch.ops.imgtx.codebook_lookup
+        quantized, sqdist, indices, counts = run(z, codebook, metric)
         out = CodebookLookup(indices, quantized, sqdist, counts)
     return out if return_stats else (out.indices, out.quantized)

@@ -79,8 +79,7 @@ def _posterior(logp, logp_uncond, x_t, coefs, seed, guidance_scale, truncation_r
 @torch.library.custom_op("imgtx::mr_posterior_sample", mutates_args=())
 def mr_posterior_sample(logp: Tensor, logp_uncond: Optional[Tensor], x_t: Tensor, coefs: Tensor,
                         seed: Tensor, guidance_scale: float, truncation_rate: float) -> Tensor:
-    return _posterior(logp, logp_uncond, x_t, coefs, seed, guidance_scale, truncation_rate, True,
-                      "posterior_sample")
+    return posterior_sample_impl(logp, logp_uncond, x_t, coefs, seed, guidance_scale, truncation_rate)
 
 
 @mr_posterior_sample.register_fake
@@ -91,8 +90,7 @@ def _(logp, logp_uncond, x_t, coefs, seed, guidance_scale, truncation_rate):
 @torch.library.custom_op("imgtx::mr_posterior_log_probs", mutates_args=())
 def mr_posterior_log_probs(logp: Tensor, logp_uncond: Optional[Tensor], x_t: Tensor,
                            coefs: Tensor, guidance_scale: float, truncation_rate: float) -> Tensor:
-    return _posterior(logp, logp_uncond, x_t, coefs, None, guidance_scale, truncation_rate, False,
-                      "posterior_log_probs")
+    return posterior_log_probs_impl(logp, logp_uncond, x_t, coefs, guidance_scale, truncation_rate)
 
 
 @mr_posterior_log_probs.register_fake
@@ -100,8 +98,25 @@ def _(logp, logp_uncond, x_t, coefs, guidance_scale, truncation_rate):
     return log_probs_layout(logp)
 
 
+def posterior_sample_impl(logp, logp_uncond, x_t, coefs, seed, guidance_scale, truncation_rate):
+    """imgtx::mr_posterior_sample without the dispatcher (see _launch.eager_fast_path)."""
+    return _posterior(logp, logp_uncond, x_t, coefs, seed, guidance_scale, truncation_rate, True,
+                      "posterior_sample")
+
+
+def posterior_log_probs_impl(logp, logp_uncond, x_t, coefs, guidance_scale, truncation_rate):
+    """imgtx::mr_posterior_log_probs without the dispatcher."""
+    return _posterior(logp, logp_uncond, x_t, coefs, None, guidance_scale, truncation_rate, False,
+                      "posterior_log_probs")
+
+
 @torch.library.custom_op("imgtx::mr_q_sample", mutates_args=())
 def mr_q_sample(x0: Tensor, coefs: Tensor, seed: Tensor, num_classes: int) -> Tensor:
+    return q_sample_impl(x0, coefs, seed, num_classes)
+
+
+def q_sample_impl(x0: Tensor, coefs: Tensor, seed: Tensor, num_classes: int) -> Tensor:
+    """imgtx::mr_q_sample without the dispatcher."""
     B, N = x0.shape
     x_t = torch.empty((B, N), dtype=torch.int64, device=x0.device)
     if B * N == 0:

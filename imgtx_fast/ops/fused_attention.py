@@ -24,7 +24,7 @@ from .._frontend.attention import (_LOCAL1D, _LOCAL2D, _NO_CAUSAL, _OP, NO_MASK,
                                    mask_arg, pattern_args)
 from ..patterns import Local1d, Local2d
 from ..reference import attention as _reference
-from ._launch import cuda_stream, num_threads
+from ._launch import cuda_stream, eager_fast_path, num_threads
 
 
 def pattern_from_args(args: List[int]):
@@ -226,23 +226,6 @@ def _backward(ctx, grad_out, grad_lse):
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _eager_fast_path(*tensors) -> bool:
-    """Whether the op may be skipped for its implementation: plain CPU tensors, no autograd, no
-    tracing or functorch transform. The dispatcher costs ~40 us per call, as much as a whole
-    decoding step of a small layer."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch._C._functorch.peek_interpreter_stack() is not None
-            or torch._C._len_torch_dispatch_stack() > 0):  # e.g. FlopCounterMode sees the op
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is None:
-            continue
-        if type(t) is not Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
-            return False
-    return True
-
-
 def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -323,7 +306,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, *, causal_offset: Optional[int
                                         pattern=pattern, scale=scale, return_lse=True)
         return out, lse.float()
     args = (q, k, v, key_lengths, attn_mask, pattern_args(pattern), offset, scale)
-    if _eager_fast_path(q, k, v, key_lengths, attn_mask):
+    if eager_fast_path(q, k, v, key_lengths, attn_mask):
         return _forward_impl(*args)
     return torch.ops.imgtx.attention_forward(*args)
 
