@@ -39,7 +39,8 @@ class KVCache:
     max_length: preallocate that many positions on the first append (no copy per step; a
     longer sequence is an error); None: start with the first chunk's size and double when full.
     `length` is the number of positions stored; `reset()` empties the cache for a new sample.
-    1D layers `append` in sequence order; 2D layers `scatter` into height*width raster slots.
+    1D layers `append` in sequence order; 2D layers `reserve` height*width raster slots, attend
+    through the current query tile's `window` and `store` each finished tile at its raster slots.
     """
 
     def __init__(self, max_length: Optional[int] = None):
@@ -76,13 +77,6 @@ class KVCache:
             raise ValueError(f"KVCache: new keys {tuple(k.shape)} {k.dtype} on {k.device} do "
                              f"not match the cache's {tuple(self.k.shape)} {self.k.dtype} on "
                              f"{self.k.device}; call reset() or use a new cache")
-
-    def scatter(self, k: Tensor, v: Tensor, index: Tensor, size: int) -> None:
-        """Store k, v (B, heads, n, head_dim) at slots `index` (n,) of a `size`-slot buffer
-        (zero-filled on first use) and count n more positions."""
-        self.reserve(k, v, size)
-        self.store(k, v, index)
-        self.length += k.shape[2]
 
     def reserve(self, k: Tensor, v: Tensor, size: int) -> None:
         """Check that n = k.shape[2] more positions of this kind fit, and allocate the `size`
