@@ -45,7 +45,7 @@ __all__ = [
 # name -> the (torch-based) module that defines it, imported on first access
 _LAZY = {"CodebookLookup": "ops", "attention": "ops", "codebook_lookup": "ops"}
 _SUBMODULES = {"ops", "reference", "nn", "diffusion", "models", "integrations", "datasets",
-               "demo", "distributed", "numpy", "cupy"}
+               "demo", "distributed", "numpy", "cupy", "testing"}
 
 
 def __getattr__(name):

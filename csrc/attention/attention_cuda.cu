@@ -262,7 +262,7 @@ void attention_forward_cuda(const AttnForwardParams& p, void* workspace, void* s
     launch_fwd<D, T>(a, c.ctas, st);
     if (c.splits > 1) {
       const int64_t rows = p.batch * p.heads * p.q_len;
-      attn_combine_kernel<T><<<unsigned(ceil_div(rows, 4)), 128, 0, st>>>(
+      IMGTX_LAUNCH(unsigned(ceil_div(rows, 4)), 128, 0, st, attn_combine_kernel<T>)(
           a.partial, c.splits, D, rows, p.heads, p.q_len, a.out, p.lse);
       check_last_launch("attention attn_combine_kernel");
     }
@@ -325,10 +325,10 @@ void attention_backward_cuda(const AttnBackwardParams& p, void* workspace, void*
     constexpr int DD = decltype(dim)::value;
     typedef typename decltype(tag)::type T;
     launch_bwd<DD, T>(a, ctas, st);
-    attn_convert_kernel<T><<<cgrid, 256, 0, st>>>(dk, total, int(D), p.kv_heads, p.k_len,
+    IMGTX_LAUNCH(cgrid, 256, 0, st, attn_convert_kernel<T>)(dk, total, int(D), p.kv_heads, p.k_len,
                                                   output(p.grad_k));
     check_last_launch("attention attn_convert_kernel (dK)");
-    attn_convert_kernel<T><<<cgrid, 256, 0, st>>>(dv, total, int(D), p.kv_heads, p.k_len,
+    IMGTX_LAUNCH(cgrid, 256, 0, st, attn_convert_kernel<T>)(dv, total, int(D), p.kv_heads, p.k_len,
                                                   output(p.grad_v));
     check_last_launch("attention attn_convert_kernel (dV)");
   });

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const BwdArgs a) {
   constexpr int KT = D / 16;
   constexpr int NT = D / 8;
   typedef TypeOps<T> Ops;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  IMGTX_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sDO = sQ + kBM * LD;
   T* sK = sDO + kBM * LD;
@@ -300,7 +300,7 @@ void launch_bwd(const BwdArgs& a, int64_t ctas, cudaStream_t stream) {
   constexpr int smem = bwd_smem_bytes<D>();
   auto kernel = attn_bwd_kernel<D, T>;
   IMGTX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<dim3(unsigned(ctas)), kThreads, smem, stream>>>(a);
+  IMGTX_LAUNCH(dim3(unsigned(ctas)), kThreads, smem, stream, attn_bwd_kernel<D, T>)(a);
   check_last_launch("attention attn_bwd_kernel");
 }
 

@@ -1,7 +1,7 @@
 // Shared pieces of the CUDA attention kernels (semantics: imgtx/attention.h).
 //
-// - Tensor-core wrappers: mma.sync m16n8k16 (fp16 or bf16 inputs, fp32 accumulate), ldmatrix
-//   (plain and .trans), cp.async 16-byte copies with zero fill (for padding key rows).
+// - Tensor-core helpers over common/ptx.cuh (the PTX wrappers): mma.sync m16n8k16 per dtype,
+//   ldmatrix (plain and .trans), cp.async 16-byte copies with zero fill (for padding key rows).
 // - The device-side block-sparse plan. It MIRRORS csrc/attention/attention_plan.cpp (keep the two
 //   in sync): the same query tiles (dense: runs of tile_rows rows; Local1d: runs that never
 //   straddle a block; Local2d: the pixels of one image tile, in the tile's raster order, cut in
@@ -25,6 +25,8 @@
 
 #include "attention/attention_plan_device.h"
 #include "common/cuda_dtype.cuh"
+#include "common/cuda_kernel.cuh"
+#include "common/ptx.cuh"
 #include "imgtx/attention.h"
 
 namespace imgtx {
@@ -123,12 +125,8 @@ struct TypeOps<__half> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+                                             uint32_t b1 IMGTX_PTX_SITE_ARGS) {
+    ptx::mma_m16n8k16_f16(c, a, b0, b1 IMGTX_PTX_SITE_FORWARD);
   }
   static __device__ __forceinline__ void store(void* p, int64_t i, float v) { F16::store(p, i, v); }
   static __device__ __forceinline__ float load(const void* p, int64_t i) { return F16::load(p, i); }
@@ -141,52 +139,40 @@ struct TypeOps<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+                                             uint32_t b1 IMGTX_PTX_SITE_ARGS) {
+    ptx::mma_m16n8k16_bf16(c, a, b0, b1 IMGTX_PTX_SITE_FORWARD);
   }
   static __device__ __forceinline__ void store(void* p, int64_t i, float v) { BF16::store(p, i, v); }
   static __device__ __forceinline__ float load(const void* p, int64_t i) { return BF16::load(p, i); }
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p IMGTX_PTX_SITE_ARGS) {
+  ptx::ldmatrix_x4(r, p, false IMGTX_PTX_SITE_FORWARD);
 }
 
-__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const void* p IMGTX_PTX_SITE_ARGS) {
+  ptx::ldmatrix_x4(r, p, true IMGTX_PTX_SITE_FORWARD);
 }
 
 // 16 bytes global -> shared; src_bytes = 0 writes zeros (src must still be a valid address).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(n));
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid IMGTX_PTX_SITE_ARGS) {
+  ptx::cp_async_cg16(dst, src, valid ? 16 : 0 IMGTX_PTX_SITE_FORWARD);
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit(IMGTX_PTX_SITE_ARGS_FIRST) {
+  ptx::cp_async_commit(IMGTX_PTX_SITE_FORWARD_FIRST);
+}
 template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+__device__ __forceinline__ void cp_async_wait(IMGTX_PTX_SITE_ARGS_FIRST) {
+  ptx::cp_async_wait<N>(IMGTX_PTX_SITE_FORWARD_FIRST);
 }
 
 // Copies 8 elements (16 bytes) of a row into shared memory: cp.async when the source is 16-byte
 // aligned, else 8 scalar loads (any stride, any base alignment). Zeros when !valid.
 __device__ __forceinline__ void load_chunk(void* dst, const void* base, int64_t off, bool valid,
-                                           bool aligned) {
+                                           bool aligned IMGTX_PTX_SITE_ARGS) {
   const unsigned short* src = static_cast<const unsigned short*>(base) + (valid ? off : 0);
   if (aligned) {
-    cp_async16(dst, src, valid);
+    cp_async16(dst, src, valid IMGTX_PTX_SITE_FORWARD);
     return;
   }
   uint4 v = make_uint4(0, 0, 0, 0);

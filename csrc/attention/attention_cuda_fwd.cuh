@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdArgs a) {
   constexpr int KT = D / 16;  // k16 steps over the head dim
   constexpr int NT = D / 8;   // n8 tiles of the output
   typedef TypeOps<T> Ops;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  IMGTX_DYNAMIC_SHARED(unsigned char, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + kBM * LD;
   T* sV = sK + 2 * kBN * LD;
@@ -282,7 +282,7 @@ void launch_fwd(const FwdArgs& a, int64_t ctas, cudaStream_t stream) {
   constexpr int smem = fwd_smem_bytes<D>();
   auto kernel = attn_fwd_kernel<D, T>;
   IMGTX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<dim3(unsigned(ctas)), kThreads, smem, stream>>>(a);
+  IMGTX_LAUNCH(dim3(unsigned(ctas)), kThreads, smem, stream, attn_fwd_kernel<D, T>)(a);
   check_last_launch("attention attn_fwd_kernel");
 }
 

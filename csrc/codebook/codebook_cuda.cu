@@ -18,6 +18,7 @@
 #include "codebook/certify.h"
 #include "common/cuda_check.h"
 #include "common/cuda_dtype.cuh"
+#include "common/cuda_kernel.cuh"
 #include "common/fp64_sum.h"
 #include "imgtx/codebook.h"
 
@@ -120,9 +121,9 @@ __global__ __launch_bounds__(kPackThreads) void pack_codebook_kernel(CodebookLoo
 // tx*4.. of every tile, seen in increasing k, so strict '<' keeps the lowest index on ties.
 template <class LZ, bool kDimContig>
 __global__ __launch_bounds__(kThreads, 2) void score_kernel(CodebookLookupParams p, Work w) {
-  __shared__ __align__(16) float As[2][kBK][kLDA];  // z chunk, [d][row]
-  __shared__ __align__(16) float Bs[2][kBK][kBN];   // code chunk, [d][code]
-  __shared__ int64_t row_off[kBM];                  // element offset of each row, -1 past N
+  IMGTX_SHARED(float[2][kBK][kLDA], As);  // z chunk, [d][row]
+  IMGTX_SHARED(float[2][kBK][kBN], Bs);  // code chunk, [d][code]
+  IMGTX_SHARED(int64_t[kBM], row_off); // element offset of each row, -1 past N
 
   const int tid = threadIdx.x, tx = tid % (kBN / kTN), ty = tid / (kBN / kTN);
   const int64_t row0 = int64_t(blockIdx.x) * kBM;
@@ -241,11 +242,11 @@ __global__ __launch_bounds__(kThreads, 2) void score_kernel(CodebookLookupParams
 template <class LZ, class LC>
 __global__ __launch_bounds__(kFinThreads) void finalize_kernel(CodebookLookupParams p, Work w) {
   constexpr int kWarps = kFinThreads / 32;
-  __shared__ float zs[kZCache];  // the row of z as fp32 (when D <= kZCache)
-  __shared__ double terms[kFinThreads];
-  __shared__ double red_d[kWarps];
-  __shared__ int red_i[kWarps];
-  __shared__ int s_idx;
+  IMGTX_SHARED(float[kZCache], zs);  // the row of z as fp32 (when D <= kZCache)
+  IMGTX_SHARED(double[kFinThreads], terms);
+  IMGTX_SHARED(double[kWarps], red_d);
+  IMGTX_SHARED(int[kWarps], red_i);
+  IMGTX_SHARED(int, s_idx);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t D = p.dim;
   const bool cached = D <= kZCache;
@@ -444,23 +445,23 @@ void codebook_lookup_cuda(const CodebookLookupParams& p, void* workspace, void* 
 
   const unsigned pack_grid = unsigned(ceil_div(q.Kpad, kPackThreads));
   dispatch_dtype(p.codebook_dtype, [&](auto lc) {
-    pack_codebook_kernel<decltype(lc)><<<pack_grid, kPackThreads, 0, st>>>(p, w);
+    IMGTX_LAUNCH(pack_grid, kPackThreads, 0, st, pack_codebook_kernel<decltype(lc)>)(p, w);
   });
   check_last_launch("codebook pack_codebook_kernel");
 
   const dim3 score_grid(unsigned(q.m_blocks), unsigned(q.splits));
   dispatch_dtype(p.z_dtype, [&](auto lz) {
     if (p.z_stride_dim == 1)
-      score_kernel<decltype(lz), true><<<score_grid, kThreads, 0, st>>>(p, w);
+      IMGTX_LAUNCH(score_grid, kThreads, 0, st, score_kernel<decltype(lz), true>)(p, w);
     else
-      score_kernel<decltype(lz), false><<<score_grid, kThreads, 0, st>>>(p, w);
+      IMGTX_LAUNCH(score_grid, kThreads, 0, st, score_kernel<decltype(lz), false>)(p, w);
   });
   check_last_launch("codebook score_kernel");
 
   const unsigned fin_grid = unsigned(std::min<int64_t>(q.N, int64_t(1) << 20));  // grid-stride
   dispatch_dtype(p.z_dtype, [&](auto lz) {
     dispatch_dtype(p.codebook_dtype, [&](auto lc) {
-      finalize_kernel<decltype(lz), decltype(lc)><<<fin_grid, kFinThreads, 0, st>>>(p, w);
+      IMGTX_LAUNCH(fin_grid, kFinThreads, 0, st, finalize_kernel<decltype(lz), decltype(lc)>)(p, w);
     });
   });
   check_last_launch("codebook finalize_kernel");

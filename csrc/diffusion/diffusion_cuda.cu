@@ -51,6 +51,7 @@
 
 #include "common/cuda_check.h"
 #include "common/cuda_dtype.cuh"
+#include "common/cuda_kernel.cuh"
 #include "common/philox.h"
 #include "diffusion/mr_token_math.h"
 #include "imgtx/diffusion.h"
@@ -434,8 +435,8 @@ static_assert(sizeof(PostShared) <= kStaticSmemReserve, "static shared memory ov
 template <class LT, bool kTokenFast>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     posterior_kernel(const MrPosteriorParams p, const Geo g, bool out_token_fast, int* status) {
-  extern __shared__ float cache[];  // G rows of S floats when cached
-  __shared__ PostShared sh;
+  IMGTX_DYNAMIC_SHARED(float, cache);  // G rows of S floats when cached
+  IMGTX_SHARED(PostShared, sh);
   const int K = int(p.num_classes);
   const int64_t N = p.tokens;
   const int step = kThreads >> g.log2G;
@@ -590,8 +591,8 @@ static_assert(sizeof(VbShared) <= kStaticSmemReserve, "static shared memory over
 template <class LT, bool kTokenFast>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     vb_forward_kernel(const MrVbParams p, const Geo g, int* status) {
-  extern __shared__ float cache[];
-  __shared__ VbShared sh;
+  IMGTX_DYNAMIC_SHARED(float, cache);
+  IMGTX_SHARED(VbShared, sh);
   const int K = int(p.num_classes);
   const int64_t N = p.tokens;
   const int step = kThreads >> g.log2G;
@@ -734,8 +735,8 @@ __device__ void backward_token(const MrVbParams& p, int64_t tok, BwdTok& T) {
 template <class LT>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     vb_backward_kernel(const MrVbParams p, const Geo g, bool in_token_fast, bool out_token_fast) {
-  extern __shared__ float cache[];  // staged gradients (G rows of S floats) when S > 0
-  __shared__ BwdTok tok_s[kMaxG];
+  IMGTX_DYNAMIC_SHARED(float, cache);  // staged gradients (G rows of S floats) when S > 0
+  IMGTX_SHARED(BwdTok[kMaxG], tok_s);
   const int K = int(p.num_classes);
   const int step = kThreads >> g.log2G;
   const Lane mi = map_thread(in_token_fast, g), mo = map_thread(out_token_fast, g);
@@ -896,7 +897,10 @@ void mr_posterior_cuda(const MrPosteriorParams& p, int* status, void* stream) {
     using LT = decltype(lt);
     auto* kernel = token_fast ? posterior_kernel<LT, true> : posterior_kernel<LT, false>;
     allow_smem(kernel, smem, max_dyn);
-    kernel<<<grid_for(g), kThreads, smem, st>>>(p, g, out_token_fast, status);
+    if (token_fast)
+      IMGTX_LAUNCH(grid_for(g), kThreads, smem, st, posterior_kernel<LT, true>)(p, g, out_token_fast, status);
+    else
+      IMGTX_LAUNCH(grid_for(g), kThreads, smem, st, posterior_kernel<LT, false>)(p, g, out_token_fast, status);
   });
   check_last_launch("mr_posterior posterior_kernel");
 }
@@ -907,7 +911,7 @@ void mr_q_sample_cuda(const MrQSampleParams& p, int* status, void* stream) {
   if (total == 0) return;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   const unsigned grid = unsigned(std::min(ceil_div(total, kThreads), kMaxGrid));
-  q_sample_kernel<<<grid, kThreads, 0, st>>>(p, total, status);
+  IMGTX_LAUNCH(grid, kThreads, 0, st, q_sample_kernel)(p, total, status);
   check_last_launch("mr_q_sample q_sample_kernel");
 }
 
@@ -925,7 +929,10 @@ void mr_vb_forward_cuda(const MrVbParams& p, int* status, void* stream) {
     using LT = decltype(lt);
     auto* kernel = token_fast ? vb_forward_kernel<LT, true> : vb_forward_kernel<LT, false>;
     allow_smem(kernel, smem, max_dyn);
-    kernel<<<grid_for(g), kThreads, smem, st>>>(p, g, status);
+    if (token_fast)
+      IMGTX_LAUNCH(grid_for(g), kThreads, smem, st, vb_forward_kernel<LT, true>)(p, g, status);
+    else
+      IMGTX_LAUNCH(grid_for(g), kThreads, smem, st, vb_forward_kernel<LT, false>)(p, g, status);
   });
   check_last_launch("mr_vb_forward vb_forward_kernel");
 }
@@ -960,7 +967,7 @@ void mr_vb_backward_cuda(const MrVbParams& p, void* stream) {
     using LT = decltype(lt);
     auto* kernel = vb_backward_kernel<LT>;
     allow_smem(kernel, smem, max_dyn);
-    kernel<<<grid_for(g), kThreads, smem, st>>>(p, g, in_tf && G > 1, out_tf && G > 1);
+    IMGTX_LAUNCH(grid_for(g), kThreads, smem, st, vb_backward_kernel<LT>)(p, g, in_tf && G > 1, out_tf && G > 1);
   });
   check_last_launch("mr_vb_backward vb_backward_kernel");
 }

@@ -1,6 +1,12 @@
-"""Shared glue between torch tensors and the compiled core: threads, streams, stride views."""
+"""Shared glue between torch tensors and the compiled core: threads, streams, stride views, and
+which compiled module runs a tensor's CUDA kernels."""
+import contextlib
+import contextvars
+
 import torch
 from torch import Tensor
+
+from .. import _C
 
 from .._frontend.arrays import two_level_rows as _two_level_rows
 
@@ -10,8 +16,31 @@ def num_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+# The module of CUDA host entry points that CPU tensors are routed to inside
+# imgtx_fast.testing.emulated_cuda() (imgtx_fast._C_simt: the CUDA kernels under the emulator).
+EMULATOR: "contextvars.ContextVar" = contextvars.ContextVar("imgtx_fast_emulator", default=None)
+
+
+def cuda_module(t: torch.Tensor):
+    """The compiled module whose CUDA entry points run the kernels for t, or None when t takes the
+    CPU kernels: _C for CUDA tensors; for CPU tensors, _C_simt inside emulated_cuda(), else None."""
+    kind = t.device.type
+    if kind == "cuda":
+        return _C
+    return EMULATOR.get() if kind == "cpu" else None
+
+
+def device_guard(t: torch.Tensor):
+    """torch.cuda.device(t.device) for CUDA tensors (allocations and the current stream follow
+    it); nothing for emulated calls on CPU tensors."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def cuda_stream(t: torch.Tensor) -> int:
-    """The current stream of t's device, read on every call (never cached: graph capture)."""
+    """The current stream of t's device, read on every call (never cached: graph capture); 0 for
+    CPU tensors under the emulator, which runs every launch synchronously."""
+    if t.device.type != "cuda":
+        return 0
     return torch.cuda.current_stream(t.device).cuda_stream
 
 

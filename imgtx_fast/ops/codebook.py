@@ -15,7 +15,7 @@ from .._dtypes import float_code
 from .._frontend import codebook as _array_codebook
 from .._frontend.codebook import _METRICS, _OP, check_metric_and_shapes
 from ..reference import codebook as _reference
-from ._launch import cuda_stream, eager_fast_path, num_threads, two_level_rows
+from ._launch import cuda_module, cuda_stream, device_guard, eager_fast_path, num_threads, two_level_rows
 
 
 class CodebookLookup(NamedTuple):
@@ -68,11 +68,12 @@ def _lookup(z: Tensor, codebook: Tensor, metric: str) -> Tuple[Tensor, Tensor, T
             codebook.data_ptr(), float_code(codebook, "codebook", _OP), K,
             codebook.stride(0), codebook.stride(1), _METRICS[metric],
             indices.data_ptr(), quantized.data_ptr(), sqdist.data_ptr(), counts.data_ptr())
-    if z.device.type == "cuda":
-        with torch.cuda.device(z.device):
-            size = _C.codebook_lookup_cuda_workspace_size(batch, rows, D, K)
+    cuda = cuda_module(z)
+    if cuda is not None:
+        with device_guard(z):
+            size = cuda.codebook_lookup_cuda_workspace_size(batch, rows, D, K)
             workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=z.device)
-            _C.codebook_lookup_cuda(*args, workspace.data_ptr(), cuda_stream(z))
+            cuda.codebook_lookup_cuda(*args, workspace.data_ptr(), cuda_stream(z))
     else:
         _C.codebook_lookup_cpu(*args, num_threads())
     return quantized, sqdist, indices, counts

@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import _C
 from .._dtypes import float_code
 from .._frontend.diffusion import raise_status as _raise_status
-from ._launch import cuda_stream, num_threads
+from ._launch import cuda_module, cuda_stream, device_guard, num_threads
 
 
 def _logits_arg(t: Tensor, name: str, op: str):
@@ -37,7 +37,7 @@ def _cuda_status(device) -> Tensor:
 def _check_cuda_status(status: Tensor, op: str, logits_name: str, index_msg: str) -> None:
     """Reads the kernels' status word (one small sync) and raises like the CPU path. While a
     CUDA graph is being captured it cannot be read: bad tokens then come back as -1 / NaN."""
-    if torch.cuda.is_current_stream_capturing():
+    if status.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
     _raise_status(int(status.item()), op, logits_name, index_msg)
 
@@ -65,10 +65,11 @@ def _posterior(logp, logp_uncond, x_t, coefs, seed, guidance_scale, truncation_r
     args = (B, K, N, _logits_arg(logp, "log_p_x0", op), uncond, float(guidance_scale),
             float(truncation_rate), _index_arg(x_t), coefs.data_ptr(),
             x_prev.data_ptr() if sample else 0, out_arg, seed.data_ptr() if sample else 0)
-    if logp.device.type == "cuda":
-        with torch.cuda.device(logp.device):
+    cuda = cuda_module(logp)
+    if cuda is not None:
+        with device_guard(logp):
             status = _cuda_status(logp.device)
-            _C.mr_posterior_cuda(*args, status.data_ptr(), cuda_stream(logp))
+            cuda.mr_posterior_cuda(*args, status.data_ptr(), cuda_stream(logp))
         _check_cuda_status(status, op, name, f"x_t has values outside [0, {K}]")
     else:
         _raise_status(_C.mr_posterior_cpu(*args, num_threads()), op, name,
@@ -122,10 +123,11 @@ def q_sample_impl(x0: Tensor, coefs: Tensor, seed: Tensor, num_classes: int) -> 
     if B * N == 0:
         return x_t
     args = (B, num_classes, N, _index_arg(x0), coefs.data_ptr(), seed.data_ptr(), x_t.data_ptr())
-    if x0.device.type == "cuda":
-        with torch.cuda.device(x0.device):
+    cuda = cuda_module(x0)
+    if cuda is not None:
+        with device_guard(x0):
             status = _cuda_status(x0.device)
-            _C.mr_q_sample_cuda(*args, status.data_ptr(), cuda_stream(x0))
+            cuda.mr_q_sample_cuda(*args, status.data_ptr(), cuda_stream(x0))
         _check_cuda_status(status, "q_sample", "", f"x0 has values outside [0, {num_classes})")
     else:
         _raise_status(_C.mr_q_sample_cpu(*args, num_threads()), "q_sample", "",
@@ -150,10 +152,11 @@ def mr_vb_terms(logits: Tensor, x0: Tensor, x_t: Tensor, coefs: Tensor) -> Tuple
         return loss_vb, loss_aux, saved
     args = (B, K, N, _logits_arg(logits, "logits", "vb_loss"), _index_arg(x0), _index_arg(x_t),
             coefs.data_ptr(), saved.data_ptr(), loss_vb.data_ptr(), loss_aux.data_ptr())
-    if logits.device.type == "cuda":
-        with torch.cuda.device(logits.device):
+    cuda = cuda_module(logits)
+    if cuda is not None:
+        with device_guard(logits):
             status = _cuda_status(logits.device)
-            _C.mr_vb_forward_cuda(*args, status.data_ptr(), cuda_stream(logits))
+            cuda.mr_vb_forward_cuda(*args, status.data_ptr(), cuda_stream(logits))
         _check_cuda_status(status, "vb_loss", "logits", f"x0 must be in [0, {K}) and x_t in [0, {K}]")
     else:
         _raise_status(_C.mr_vb_forward_cpu(*args, num_threads()), "vb_loss", "logits",
@@ -180,9 +183,10 @@ def mr_vb_terms_backward(grad_vb: Tensor, grad_aux: Tensor, logits: Tensor, x0: 
     args = (B, K, N, _logits_arg(logits, "logits", "vb_loss"), _index_arg(x0), _index_arg(x_t),
             coefs.data_ptr(), saved.data_ptr(), grad_vb.data_ptr(), grad_aux.data_ptr(),
             (grad.data_ptr(), grad.stride(0), grad.stride(1), grad.stride(2)))
-    if logits.device.type == "cuda":
-        with torch.cuda.device(logits.device):
-            _C.mr_vb_backward_cuda(*args, cuda_stream(logits))
+    cuda = cuda_module(logits)
+    if cuda is not None:
+        with device_guard(logits):
+            cuda.mr_vb_backward_cuda(*args, cuda_stream(logits))
     else:
         _C.mr_vb_backward_cpu(*args, num_threads())
     return grad

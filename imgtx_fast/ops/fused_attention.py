@@ -24,7 +24,7 @@ from .._frontend.attention import (_LOCAL1D, _LOCAL2D, _NO_CAUSAL, _OP, NO_MASK,
                                    mask_arg, pattern_args)
 from ..patterns import Local1d, Local2d
 from ..reference import attention as _reference
-from ._launch import cuda_stream, eager_fast_path, num_threads
+from ._launch import cuda_module, cuda_stream, device_guard, eager_fast_path, num_threads
 
 
 def pattern_from_args(args: List[int]):
@@ -113,14 +113,18 @@ def cuda_kernels_enabled() -> bool:
     return os.environ.get("IMGTX_FAST_CUDA_ATTENTION", "0") == "1" and _C.cuda_compiled()
 
 
-def _use_cuda_kernel(q, k, v, key_lengths, attn_mask, pattern, causal_offset) -> bool:
-    if q.device.type != "cuda" or not cuda_kernels_enabled():
-        return False
+def _cuda_kernels(q, k, v, key_lengths, attn_mask, pattern, causal_offset):
+    """The module whose CUDA attention kernels take this call (_C on CUDA tensors when enabled,
+    _C_simt on CPU tensors under emulated_cuda(), whatever the opt-in says), or None."""
+    mod = cuda_module(q)
+    if mod is None or (q.device.type == "cuda" and not cuda_kernels_enabled()):
+        return None
     B, H, Nq, D = q.shape
-    return _C.attention_cuda_supported(
+    supported = mod.attention_cuda_supported(
         (B, H, k.shape[1], Nq, k.shape[2], D, v.shape[3]), _tensor_arg(q, "q"),
         _tensor_arg(k, "k"), _tensor_arg(v, "v"), int(causal_offset), _mask_arg(attn_mask),
         key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern))
+    return mod if supported else None
 
 
 def _workspace(nbytes: int, device) -> Tensor:
@@ -130,8 +134,8 @@ def _workspace(nbytes: int, device) -> Tensor:
 def _forward_impl(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale):
     _check_raw(q, key_lengths, attn_mask)
     q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
-    on_cuda = q.device.type != "cpu"
-    if on_cuda and not _use_cuda_kernel(q, k, v, key_lengths, attn_mask, pattern, causal_offset):
+    cuda = _cuda_kernels(q, k, v, key_lengths, attn_mask, pattern, causal_offset)
+    if q.device.type != "cpu" and cuda is None:
         return _reference_forward(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale)
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = v.shape[1], v.shape[2], v.shape[3]
@@ -145,10 +149,10 @@ def _forward_impl(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale
             _tensor_arg(v, "v"), (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
             lse.data_ptr(), float(scale), int(causal_offset), _mask_arg(attn_mask),
             key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern))
-    if on_cuda:
-        with torch.cuda.device(q.device):
-            ws = _workspace(_C.attention_forward_cuda_workspace_size(*args), q.device)
-            _C.attention_forward_cuda(*args, ws.data_ptr(), cuda_stream(q))
+    if cuda is not None:
+        with device_guard(q):
+            ws = _workspace(cuda.attention_forward_cuda_workspace_size(*args), q.device)
+            cuda.attention_forward_cuda(*args, ws.data_ptr(), cuda_stream(q))
     else:
         _C.attention_forward_cpu(*args, num_threads())
     return out, lse
@@ -175,8 +179,8 @@ def attention_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, 
                        attn_mask: Optional[Tensor], pattern: List[int], causal_offset: int,
                        scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     _check_raw(q, key_lengths, attn_mask)
-    on_cuda = q.device.type != "cpu"
-    if on_cuda and not _use_cuda_kernel(q, k, v, key_lengths, attn_mask, pattern, causal_offset):
+    cuda = _cuda_kernels(q, k, v, key_lengths, attn_mask, pattern, causal_offset)
+    if q.device.type != "cpu" and cuda is None:
         return _reference_backward(grad_out, grad_lse, q, k, v, out, key_lengths, attn_mask,
                                    pattern, causal_offset, scale)
     B, H, Nq, D = q.shape
@@ -194,10 +198,10 @@ def attention_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, 
             _tensor_arg(dq, "q"), _tensor_arg(dk, "k"), _tensor_arg(dv, "v"), float(scale),
             int(causal_offset), _mask_arg(attn_mask),
             key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern))
-    if on_cuda:
-        with torch.cuda.device(q.device):
-            ws = _workspace(_C.attention_backward_cuda_workspace_size(*args), q.device)
-            _C.attention_backward_cuda(*args, ws.data_ptr(), cuda_stream(q))
+    if cuda is not None:
+        with device_guard(q):
+            ws = _workspace(cuda.attention_backward_cuda_workspace_size(*args), q.device)
+            cuda.attention_backward_cuda(*args, ws.data_ptr(), cuda_stream(q))
     else:
         _C.attention_backward_cpu(*args, num_threads())
     return dq, dk, dv
