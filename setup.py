@@ -3,6 +3,9 @@
 Environment:
   IMGTX_FAST_CUDA        auto (default: build CUDA when nvcc is found) | 0 | 1 (error without nvcc)
   IMGTX_FAST_CUDA_ARCHS  CMake CUDA architectures (default 80-real;90a-real;90-virtual)
+  IMGTX_FAST_SIMT        0 (default) | 1: also build imgtx_fast._C_simt, the CUDA kernels compiled
+                         for the CPU-side CUDA emulator (imgtx_fast.testing.emulated_cuda; no
+                         CUDA toolkit needed)
   MAX_JOBS               parallel compile jobs
   CMAKE_ARGS             extra arguments for the CMake configure step
 """
@@ -36,6 +39,13 @@ def cuda_setting():
     return nvcc
 
 
+def simt_setting():
+    mode = os.environ.get("IMGTX_FAST_SIMT", "0").strip().lower()
+    if mode not in ("0", "1"):
+        sys.exit(f"IMGTX_FAST_SIMT must be 0 or 1, not {mode!r}")
+    return mode == "1"
+
+
 def tool(module, attr, name):
     """The cmake/ninja that the build requirements installed, else the one on PATH."""
     try:
@@ -63,6 +73,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DIMGTX_FAST_CUDA={'ON' if nvcc else 'OFF'}",
+            f"-DIMGTX_FAST_SIMT={'ON' if simt_setting() else 'OFF'}",
         ]
         if nvcc:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
@@ -72,13 +83,18 @@ class CMakeBuild(build_ext):
         args += shlex.split(os.environ.get("CMAKE_ARGS", ""))
         cmake = tool("cmake", "CMAKE_BIN_DIR", "cmake")
         subprocess.check_call([cmake, *args])
-        build = [cmake, "--build", str(build_dir), "--target", "_C"]
+        target = ext.name.rsplit(".", 1)[-1]  # _C or _C_simt
+        build = [cmake, "--build", str(build_dir), "--target", target]
         if os.environ.get("MAX_JOBS"):
             build += ["--parallel", os.environ["MAX_JOBS"]]
         subprocess.check_call(build)
 
 
+extensions = [Extension("imgtx_fast._C", sources=[])]
+if simt_setting():
+    extensions.append(Extension("imgtx_fast._C_simt", sources=[]))
+
 setup(
-    ext_modules=[Extension("imgtx_fast._C", sources=[])],
+    ext_modules=extensions,
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# AddressSanitizer + UndefinedBehaviorSanitizer run of the CPU kernels.
+# AddressSanitizer + UndefinedBehaviorSanitizer run of the CPU kernels and of the CUDA kernels
+# under the emulator.
 #
-# Builds the CPU core, the pybind11 module and the C++ core tests with
-# -fsanitize=address,undefined into build/sanitize/ (never touching the installed or editable
-# build), then runs the C++ core tests and a CPU pytest subset against a copy of the Python
-# package that holds the sanitized _C. Python itself is not instrumented, so libasan is
+# Builds the CPU core, the pybind11 modules (_C, and _C_simt: the CUDA kernels compiled for the
+# CPU-side emulator) and the C++ tests with -fsanitize=address,undefined into build/sanitize/
+# (never touching the installed or editable build), then runs the C++ tests and a pytest subset
+# (CPU kernels, and the CUDA kernels under the emulator) against a copy of the Python package
+# that holds the sanitized modules. The emulated kernels are built without the emulator's own
+# access hooks (they and ASan instrument the same accesses), so its race detector is off here. Python itself is not instrumented, so libasan is
 # preloaded and leak detection is off (CPython and torch keep allocations alive at exit).
 # UBSan is fatal (-fno-sanitize-recover=all): any report fails the run.
 #
@@ -31,7 +34,8 @@ PYBIND11_DIR="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')"
 PKG="$BUILD/pkg"
 rm -rf "$PKG"
 mkdir -p "$PKG"
-(cd "$ROOT" && tar --exclude='__pycache__' --exclude='_C.*.so' --exclude='_C.so' -cf - imgtx_fast) \
+(cd "$ROOT" && tar --exclude='__pycache__' --exclude='_C.*.so' --exclude='_C.so' \
+   --exclude='_C_simt.*.so' --exclude='_C_simt.so' -cf - imgtx_fast) \
   | tar -C "$PKG" -xf -
 
 # -O1: fast enough for the test suite, and keeps stack traces readable. asserts stay on.
@@ -47,27 +51,32 @@ nice "$CMAKE" -S "$ROOT" -B "$BUILD/cmake" -GNinja -DCMAKE_MAKE_PROGRAM="$NINJA"
   -DCMAKE_EXE_LINKER_FLAGS_SANITIZE="$SAN" \
   -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PKG/imgtx_fast" \
   -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$PYBIND11_DIR" \
-  -DIMGTX_FAST_CUDA=OFF -DIMGTX_FAST_BUILD_TESTS=ON >"$BUILD/configure.log"
-nice "$CMAKE" --build "$BUILD/cmake" --target _C imgtx_core_tests --parallel "${MAX_JOBS:-2}"
+  -DIMGTX_FAST_CUDA=OFF -DIMGTX_FAST_BUILD_TESTS=ON -DIMGTX_FAST_SIMT=ON \
+  -DIMGTX_FAST_SIMT_ACCESS_HOOKS=OFF >"$BUILD/configure.log"
+nice "$CMAKE" --build "$BUILD/cmake" --target _C _C_simt imgtx_core_tests imgtx_simt_tests \
+  --parallel "${MAX_JOBS:-2}"
 echo "   built in $((SECONDS - start)) s"
 
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 
-echo "== sanitize: C++ core tests"
+echo "== sanitize: C++ core and emulator tests"
 t0=$SECONDS
 "$BUILD/cmake/imgtx_core_tests" | tail -n 3
-echo "   C++ core tests clean in $((SECONDS - t0)) s"
+"$BUILD/cmake/imgtx_simt_tests" | tail -n 3
+echo "   C++ tests clean in $((SECONDS - t0)) s"
 
 echo "== sanitize: CPU pytest subset against the sanitized _C"
-# Kernel-level CPU tests and the nn modules on top of them (the model/integration tests call
+# Kernel-level CPU tests, the CUDA kernels' tests (their emulated cases), and the nn modules on
+# top of the kernels (the model/integration tests call
 # the same kernels through more Python and would only add time). test_cpp_core is left out: it runs the compiler, which
 # must not run under the preloaded libasan; the C++ core tests ran above.
 DEFAULT_TESTS="tests/test_codebook.py tests/test_codebook_autograd.py tests/test_diffusion.py
   tests/test_diffusion_api.py tests/test_diffusion_loss.py tests/test_attention.py
   tests/test_attention_nn.py tests/test_vector_quantizer.py
   tests/test_reliability_bad_input.py tests/test_reliability_fuzz.py
-  tests/test_reliability_threads.py"
+  tests/test_reliability_threads.py tests/test_codebook_cuda.py tests/test_diffusion_cuda.py
+  tests/test_attention_cuda.py"
 # shellcheck disable=SC2086
 read -r -a TESTS <<<"$(echo ${SANITIZE_TESTS:-$DEFAULT_TESTS})"
 # libstdc++ is preloaded with libasan: python itself does not link it, and ASan's __cxa_throw

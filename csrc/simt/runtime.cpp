@@ -173,6 +173,11 @@ void thread_exit(Emu& e, Thread& t) {
       e.error = where_now() + ": exited while lanes " + lanes_text(p.arrived) + " of warp " +
                 std::to_string(t.tid / 32) + " wait for it at " + p.kind + " (" + site_text(p.site) +
                 ", mask " + hex(p.mask) + ")";
+  size_t in_flight = t.uncommitted.size();
+  for (const std::vector<AsyncCopy>& g : t.groups) in_flight += g.size();
+  if (in_flight && e.error.empty())  // they could land after the block's shared memory is reused
+    e.error = where_now() + ": exited with " + std::to_string(in_flight) +
+              " cp.async copies in flight (never covered by a cp.async.wait_group)";
   if (B.bar_arrived > 0 && B.bar_arrived == B.live && e.error.empty()) {
     try {
       complete_barrier(e);
