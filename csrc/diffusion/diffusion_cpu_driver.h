@@ -278,9 +278,11 @@ struct Kernels {
     mr::normalise(&k, Y);
     const double log_pi_total = std::log(mr::pi_total(k, K, P, p_s, Y));
     if (k.v_g == 0.0) {  // t = 0: log(u p_j) computed in log space, so nothing underflows
-      const float shift = float(std::log(k.u_g) - log_pi_total) - M;
+      // (l - M) + (log u - log pi): l - M first is exact for logits near M whatever their
+      // magnitude, where l + (log u - log pi - M) rounds the large sum (~3e-5 TV at 1e4).
+      const float log_u = float(std::log(k.u_g) - log_pi_total);
       for (int64_t i = 0; i < Kp; i += W) {
-        const F v = simd::load<W>(l + i) + shift;
+        const F v = (simd::load<W>(l + i) - M) + log_u;
         const I kept = simd::load<W>(e + i) > 0.f;
         simd::store<W>(l + i, truncating ? (kept ? v : simd::splat<W>(-kInf)) : v);
       }

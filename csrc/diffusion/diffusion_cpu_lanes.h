@@ -358,8 +358,8 @@ struct LaneKernels {
                               int64_t base_u, const float* E, F M, const double* P,
                               const double* p_s, TokenCoefs* k, bool truncating) {
     const int64_t K = p.num_classes;
-    F ug, vy, lp, shift;
-    I log_space;  // lanes at t = 0 (v_g = 0): log(u p) = log u + l - M, recomputed from l
+    F ug, vy, lp, log_u;
+    I log_space;  // lanes at t = 0 (v_g = 0): log(u p) = (l - M) + log u, recomputed from l
     double Y[W], log_pi[W];
     for (int i = 0; i < W; ++i) {
       Y[i] = mr::token_y(k[i], P[i], p_s[i]);
@@ -369,7 +369,7 @@ struct LaneKernels {
       vy[i] = float(k[i].v_g * Y[i]);
       lp[i] = float(log_pi[i]);
       log_space[i] = k[i].v_g == 0.0 ? -1 : 0;
-      shift[i] = k[i].v_g == 0.0 ? float(std::log(k[i].u_g) - log_pi[i]) - M[i] : 0.f;
+      log_u[i] = k[i].v_g == 0.0 ? float(std::log(k[i].u_g) - log_pi[i]) : 0.f;
     }
     bool any_log_space = false;
     for (int i = 0; i < W; ++i) any_log_space |= log_space[i] != 0;
@@ -381,7 +381,7 @@ struct LaneKernels {
       pi = pi > mr::kPiFloor ? pi : simd::splat<W>(mr::kPiFloor);
       F v = simd::log<W>(pi) - lp;
       if (any_log_space) {
-        F l = guided(p, base_c, base_u, j) + shift;
+        F l = (guided(p, base_c, base_u, j) - M) + log_u;  // (x - m) first, as the row kernel
         if (truncating) l = e > 0.f ? l : simd::splat<W>(-kInf);
         v = log_space ? l : v;
       }

@@ -421,7 +421,7 @@ __device__ Trunc truncate_top_r(bool ok, double P, float rate, int K, Lane me, i
 struct PostTok {
   int64_t cond_off, unc_off, out_off;
   double target, factor;  // sampling: the p-part scan of mr::choose
-  float M, ug, vy, lp, shift, out_s, out_K;
+  float M, ug, vy, lp, log_u, out_s, out_K;  // log_u: log(u) - log(pi total), t = 0
   int s, u0;
   bool live, bad, logspace, scan;
 };
@@ -507,7 +507,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
           mr::normalise(&k, Y);
           const double lpt = log(mr::pi_total(k, K, P, p_s, Y));
           T.logspace = k.v_g == 0.0;  // t = 0: log(u p_j) in log space, nothing underflows
-          T.shift = float(log(k.u_g) - lpt) - M;
+          T.log_u = float(log(k.u_g) - lpt);
           T.ug = float(k.u_g);
           T.vy = float(k.v_g * Y);
           T.lp = float(lpt);
@@ -553,7 +553,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
             v = T.out_K;
           } else if (T.logspace) {  // the cache holds p: the logit comes from global memory
             const float l = osrc.logit(j);
-            v = l + T.shift;
+            v = (l - T.M) + T.log_u;  // (x - m) first: exact for logits near m, any magnitude
             if (truncating) {
               const float e = orow != nullptr ? orow[j] : expf(l - T.M);
               if (!(kept(e) > 0.f)) v = -kInf;
