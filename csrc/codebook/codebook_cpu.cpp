@@ -172,9 +172,9 @@ void finalize_row(const CodebookLookupParams& p, int64_t n, int64_t index, float
   load_strided_as_float(p.codebook, index * p.cb_stride_code, p.cb_stride_dim, D,
                         p.codebook_dtype, q);
   // An l2 code already in z's dtype is written as is: a byte copy, no conversions (they were
-  // a fifth of a call's time for fp16 at small K).
-  const bool copy_code = p.metric == CodebookMetric::kL2 && p.codebook_dtype == p.z_dtype &&
-                         p.cb_stride_dim == 1;
+  // a fifth of a call's time for fp16 at small K), so NaN payloads are kept bit for bit
+  // whatever the codebook's strides (the CUDA finalize does the same).
+  const bool copy_code = p.metric == CodebookMetric::kL2 && p.codebook_dtype == p.z_dtype;
   if (p.metric == CodebookMetric::kCosine) {
     const double n2 = sum_in_lanes(D, [&](int64_t d) { return double(q[d]) * double(q[d]); });
     const double scale = cosine_scale(n2);  // the same n2 as load_code's
@@ -183,9 +183,15 @@ void finalize_row(const CodebookLookupParams& p, int64_t n, int64_t index, float
   if (copy_code) {  // q is already the value as written
     if (p.quantized) {
       const size_t bytes = size_t(dtype_size(p.z_dtype));
-      std::memcpy(static_cast<char*>(p.quantized) + size_t(n * D) * bytes,
-                  static_cast<const char*>(p.codebook) + size_t(index * p.cb_stride_code) * bytes,
-                  size_t(D) * bytes);
+      char* dst = static_cast<char*>(p.quantized) + size_t(n * D) * bytes;
+      const char* src = static_cast<const char*>(p.codebook);
+      if (p.cb_stride_dim == 1) {
+        std::memcpy(dst, src + size_t(index * p.cb_stride_code) * bytes, size_t(D) * bytes);
+      } else {
+        for (int64_t d = 0; d < D; ++d)
+          std::memcpy(dst + size_t(d) * bytes,
+                      src + size_t(index * p.cb_stride_code + d * p.cb_stride_dim) * bytes, bytes);
+      }
     }
   } else if (p.quantized) {  // q becomes the value as written
     store_rounded_as_dtype(p.quantized, n * D, q, D, p.z_dtype);

@@ -14,6 +14,7 @@
 #include <climits>
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 
 #include "codebook/certify.h"
 #include "common/cuda_check.h"
@@ -334,8 +335,16 @@ __global__ __launch_bounds__(kFinThreads) void finalize_kernel(CodebookLookupPar
         // row, keeps its bits; the GPU's fp64 round trip would turn it into its canonical NaN).
         return w.cosine ? __double2float_rn(__dmul_rn(double(cf), scale)) : cf;
       };
-      if (p.quantized)
+      if (p.quantized && !w.cosine && std::is_same<LZ, LC>::value) {
+        // An l2 code in z's dtype is written bit for bit, as the CPU does (NaN payloads kept;
+        // a float round trip would quiet an fp16/bf16 NaN or drop its payload).
+        typedef typename std::conditional<std::is_same<LZ, F32>::value, uint32_t, unsigned short>::type Bits;
+        const Bits* src = static_cast<const Bits*>(p.codebook) + base;
+        Bits* dst = static_cast<Bits*>(p.quantized) + n * D;
+        for (int64_t d = tid; d < D; d += kFinThreads) dst[d] = __ldg(src + d * p.cb_stride_dim);
+      } else if (p.quantized) {
         for (int64_t d = tid; d < D; d += kFinThreads) LZ::store(p.quantized, n * D + d, quantized_at(d));
+      }
       if (p.sqdist) {
         if (tid < kSumLanes) {
           double a = 0.0;
