@@ -35,13 +35,15 @@ def emulator_available() -> bool:
 
 
 @contextlib.contextmanager
-def emulated_cuda(seed: int = 0, arch: int = 80):
+def emulated_cuda(seed: int = 0, arch: int = 80, *, sample_blocks: int = 0):
     """Route the torch ops given CPU tensors to the CUDA kernels, run under the emulator.
 
     seed: the order in which blocks and threads are scheduled (a different seed shuffles both).
     arch: the emulated device, 80 (A100), 86/89 (99 KB of shared memory per block) or 90 (H100);
     it sets the shared-memory limits the kernels are checked against.
-    Yields the module, whose counters() tell which launches ran.
+    sample_blocks: run only that many blocks of each launch (0: all), for cost-model runs whose
+    outputs are discarded (benchmarks/gpu_model.py): launch_log() scales their counts to the grid.
+    Yields the module, whose counters() and launch_log() tell what ran.
     """
     from .ops._launch import EMULATOR
 
@@ -49,12 +51,14 @@ def emulated_cuda(seed: int = 0, arch: int = 80):
         raise ValueError(f"emulated_cuda: seed must be a non-negative int, got {seed!r}")
     if not isinstance(arch, int):
         raise TypeError(f"emulated_cuda: arch must be an int (80, 86, 89 or 90), got {arch!r}")
+    if not isinstance(sample_blocks, int) or sample_blocks < 0:
+        raise ValueError(f"emulated_cuda: sample_blocks must be a non-negative int, got {sample_blocks!r}")
     mod = _simt_module()
     before = mod.settings()
-    mod.configure(seed, arch)
+    mod.configure(seed, arch, sample_blocks)
     token = EMULATOR.set(mod)
     try:
         yield mod
     finally:
         EMULATOR.reset(token)
-        mod.configure(before["seed"], before["arch"])
+        mod.configure(before["seed"], before["arch"], before["sample_blocks"])

@@ -15,18 +15,47 @@ PYBIND11_MODULE(_C_simt, m) {
   imgtx::bindings::register_diffusion(m);
   imgtx::bindings::register_attention(m);
 
-  m.def("configure", [](uint64_t seed, int arch) {
+  m.def("configure", [](uint64_t seed, int arch, uint64_t sample_blocks) {
     if (arch != 80 && arch != 86 && arch != 89 && arch != 90)
       throw py::value_error("emulated_cuda: arch must be one of 80, 86, 89, 90; got " + std::to_string(arch));
     simt::settings().seed = seed;
     simt::settings().arch = arch;
-  }, py::arg("seed"), py::arg("arch"), "Seed of the block and thread order, and the emulated sm_XX.");
+    simt::settings().sample_blocks = sample_blocks;
+  }, py::arg("seed"), py::arg("arch"), py::arg("sample_blocks") = 0,
+     "Seed of the block and thread order, the emulated sm_XX, and (cost-model runs) how many "
+     "blocks of each launch to run (0: all).");
   m.def("settings", [] {
     py::dict d;
     d["seed"] = simt::settings().seed;
     d["arch"] = simt::settings().arch;
+    d["sample_blocks"] = simt::settings().sample_blocks;
     return d;
   });
+  m.def("launch_log", [] {
+    py::list out;
+    for (const simt::LaunchRecord& r : simt::launch_log()) {
+      py::dict d;
+      d["kernel"] = r.kernel;
+      d["site"] = r.site;
+      d["grid"] = py::make_tuple(r.grid.x, r.grid.y, r.grid.z);
+      d["block"] = py::make_tuple(r.block.x, r.block.y, r.block.z);
+      d["dynamic_smem"] = r.dynamic_smem;
+      d["static_smem"] = r.static_smem;
+      d["blocks_total"] = r.blocks_total;
+      d["blocks_run"] = r.blocks_run;
+      d["barriers"] = r.counts.barriers;
+      d["collectives"] = r.counts.collectives;
+      d["mma"] = r.counts.mma;
+      d["shared_bytes_loaded"] = r.counts.shared_bytes_loaded;
+      d["shared_bytes_stored"] = r.counts.shared_bytes_stored;
+      d["global_bytes_loaded"] = r.counts.global_bytes_loaded;
+      d["global_bytes_stored"] = r.counts.global_bytes_stored;
+      out.append(d);
+    }
+    return out;
+  }, "One record per launch since the last clear_launch_log(): configuration and counts "
+     "(scaled to the whole grid when blocks were sampled).");
+  m.def("clear_launch_log", [] { simt::launch_log().clear(); });
   m.def("counters", [] {
     const simt::Counters& c = simt::counters();
     py::dict d;

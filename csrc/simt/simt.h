@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "vector_types.h"
 
@@ -109,6 +110,9 @@ int run(const LaunchConfig& cfg, BodyFn body, void* closure);  // returns a cuda
 struct Settings {
   uint64_t seed = 0;
   int arch = 80;  // 80, 86, 89 or 90
+  // Cost-model runs: execute only this many blocks of each launch (0 = all), chosen at random
+  // (seeded); the launch log scales their counts to the whole grid. Outputs are then incomplete.
+  uint64_t sample_blocks = 0;
 };
 Settings& settings();
 int smem_optin_limit(int arch);  // cudaDevAttrMaxSharedMemoryPerBlockOptin of the arch
@@ -121,5 +125,16 @@ struct Counters {
   uint64_t global_bytes_loaded = 0, global_bytes_stored = 0;
 };
 Counters& counters();
+
+// One record per launch (for the GPU cost model, benchmarks/gpu_model.py): the configuration
+// and the counters of the blocks that ran, scaled to the whole grid when blocks were sampled.
+struct LaunchRecord {
+  std::string kernel, site;
+  dim3 grid, block;
+  size_t dynamic_smem = 0, static_smem = 0;
+  uint64_t blocks_total = 0, blocks_run = 0;
+  Counters counts;  // per launch, scaled by blocks_total / blocks_run
+};
+std::vector<LaunchRecord>& launch_log();
 
 }  // namespace simt
