@@ -18,7 +18,7 @@ PYBIND11_MODULE(_C_simt, m) {
   m.def("configure", [](uint64_t seed, int arch, uint64_t sample_blocks) {
     if (arch != 80 && arch != 86 && arch != 89 && arch != 90)
       throw py::value_error("emulated_cuda: arch must be one of 80, 86, 89, 90; got " + std::to_string(arch));
-    simt::settings().seed = seed;
+    simt::reseed(seed);
     simt::settings().arch = arch;
     simt::settings().sample_blocks = sample_blocks;
   }, py::arg("seed"), py::arg("arch"), py::arg("sample_blocks") = 0,

@@ -1,7 +1,7 @@
 // Emulated twins of the PTX instructions our kernels issue (called only from the one wrapper
 // header, csrc/common/ptx.cuh). Fragment layouts are the PTX ISA's ("Matrix Fragments for
 // mma.m16n8k16" / "mma.m16n8k8" with .f16/.bf16/.tf32, and ldmatrix's "m8n8" row distribution);
-// tests/cpp/test_simt.cpp checks them against those tables, written out independently.
+// tests/cpp/test_simt_ptx.cpp checks them against those tables, written out independently.
 #pragma once
 
 #include <cstdint>

@@ -301,6 +301,11 @@ Counters& counters() {
   return c;
 }
 
+void reseed(uint64_t seed) {
+  settings().seed = seed;
+  settings().launches_since_seed = 0;
+}
+
 std::vector<LaunchRecord>& launch_log() {
   static std::vector<LaunchRecord> log;
   return log;
@@ -546,9 +551,9 @@ int run(const LaunchConfig& cfg, BodyFn body, void* closure) {
   Counters& k = counters();
   const Counters before = k;
   ++k.launches;
-  // The schedule depends on the seed alone, not on the launches before this one: a failure seen
-  // under a seed reproduces when its test runs alone (or after reset_counters()).
-  e.rng.seed(settings().seed * 0x9E3779B97F4A7C15ull);
+  // The schedule depends on the seed and on the launches since reseed() (emulated_cuda(seed)
+  // reseeds on entry): a failure seen under a seed reproduces when its test runs alone.
+  e.rng.seed(settings().seed * 0x9E3779B97F4A7C15ull + settings().launches_since_seed++);
   race_begin_launch(e);
   const uint64_t nblocks = uint64_t(cfg.grid.x) * cfg.grid.y * cfg.grid.z;
   std::vector<uint64_t> order(nblocks);

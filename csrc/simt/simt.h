@@ -113,8 +113,12 @@ struct Settings {
   // Cost-model runs: execute only this many blocks of each launch (0 = all), chosen at random
   // (seeded); the launch log scales their counts to the whole grid. Outputs are then incomplete.
   uint64_t sample_blocks = 0;
+  uint64_t launches_since_seed = 0;  // launch k after reseed(s) runs in the order of (s, k)
 };
 Settings& settings();
+// Sets the seed and restarts its sequence: the same seed and the same launches give the same
+// orders whatever ran before, while successive launches under one seed still differ.
+void reseed(uint64_t seed);
 int smem_optin_limit(int arch);  // cudaDevAttrMaxSharedMemoryPerBlockOptin of the arch
 void set_func_attribute(const void* func, int attr, int value, int* err);
 
