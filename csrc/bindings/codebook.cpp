@@ -57,8 +57,10 @@ void register_codebook(py::module_& m) {
     py::dict d;
     d["rows_rechecked"] = c.rows_rechecked;
     d["rows_full_search"] = c.rows_full_search;
+    d["codes_rechecked"] = c.codes_rechecked;
     return d;
-  }, "CPU rows whose argmin needed a float64 re-check (few candidates) or a full re-search.");
+  }, "Rows whose argmin needed a float64 re-check (and its candidate codes) or a full re-search: "
+     "CPU calls, and CUDA calls made with IMGTX_FAST_CODEBOOK_STATS=1.");
   m.def("reset_codebook_counters", &reset_codebook_counters);
 
   m.def(

@@ -29,7 +29,7 @@ void validate(const CodebookLookupParams& p) {
 namespace codebook {
 namespace {
 
-std::atomic<int64_t> g_rows_rechecked{0}, g_rows_full_search{0};
+std::atomic<int64_t> g_rows_rechecked{0}, g_rows_full_search{0}, g_codes_rechecked{0};
 
 // Code k as doubles; returns |c|^2 (non-finite iff the code holds NaN/Inf).
 double load_code(const CodebookLookupParams& p, int64_t k, float* tmp, double* out) {
@@ -158,8 +158,9 @@ int64_t exact_search_row(const CodebookLookupParams& p, int64_t n, bool row_fini
   return best_k;
 }
 
-void count_recheck(bool full_search) {
+void count_recheck(bool full_search, int64_t candidates) {
   (full_search ? g_rows_full_search : g_rows_rechecked).fetch_add(1, std::memory_order_relaxed);
+  if (candidates) g_codes_rechecked.fetch_add(candidates, std::memory_order_relaxed);
 }
 
 void finalize_row(const CodebookLookupParams& p, int64_t n, int64_t index, float* scratch) {
@@ -212,12 +213,20 @@ CodebookCounters codebook_counters() {
   CodebookCounters c;
   c.rows_rechecked = codebook::g_rows_rechecked.load();
   c.rows_full_search = codebook::g_rows_full_search.load();
+  c.codes_rechecked = codebook::g_codes_rechecked.load();
   return c;
 }
 
 void reset_codebook_counters() {
   codebook::g_rows_rechecked.store(0);
   codebook::g_rows_full_search.store(0);
+  codebook::g_codes_rechecked.store(0);
+}
+
+void add_codebook_counters(const CodebookCounters& c) {
+  codebook::g_rows_rechecked.fetch_add(c.rows_rechecked, std::memory_order_relaxed);
+  codebook::g_rows_full_search.fetch_add(c.rows_full_search, std::memory_order_relaxed);
+  codebook::g_codes_rechecked.fetch_add(c.codes_rechecked, std::memory_order_relaxed);
 }
 
 void codebook_lookup_cpu(const CodebookLookupParams& p, int num_threads) {

@@ -140,7 +140,7 @@ void codebook_lookup_driver(const CodebookLookupParams& p, int num_threads) {
                              s.zrow, s.candidates);
           idx = codebook::exact_search_row(p, n, true, s.candidates.data(),
                                            int64_t(s.candidates.size()));
-          codebook::count_recheck(false);
+          codebook::count_recheck(false, int64_t(s.candidates.size()));
         } else {
           idx = codebook::exact_search_row(p, n, finite);
           codebook::count_recheck(true);

@@ -33,8 +33,9 @@ void pack_z_rows(const CodebookLookupParams& p, int64_t n0, int64_t count, int m
 int64_t exact_search_row(const CodebookLookupParams& p, int64_t n, bool row_finite,
                          const int32_t* candidates = nullptr, int64_t num_candidates = 0);
 
-// Bumps the process-wide CodebookCounters (relaxed atomics: one add per uncertified row).
-void count_recheck(bool full_search);
+// Bumps the process-wide CodebookCounters (relaxed atomics: one add per uncertified row, and
+// one for its number of candidate codes).
+void count_recheck(bool full_search, int64_t candidates = 0);
 
 // Writes indices[n], quantized[n, :], sqdist[n] and counts[index] for row n; scratch holds
 // 2 * dim floats.

@@ -8,6 +8,10 @@
 //   B 16x8 (column-major), b0 = (b0,b1), b1 = (b2,b3): element i at row 2 t + (i % 2) + 8 (i / 2),
 //     column g
 //   C/D 16x8 fp32, c[0..3]: element i at row g + 8 (i / 2), column 2 t + (i % 2)
+// mma.m16n8k8 with .tf32 inputs ("Matrix Fragments for mma.m16n8k8"), one 32-bit element per reg:
+//   A 16x8 (row-major), a[0..3]: a[i] at row g + 8 (i % 2), column t + 4 (i / 2)
+//   B 8x8 (column-major), b0, b1: b_i at row t + 4 i, column g
+//   C/D 16x8 fp32: as for m16n8k16
 // ldmatrix .x4: lane l gives the shared address of row l % 8 of matrix l / 8 (16 bytes, 16-byte
 // aligned); r[j] receives matrix j in the A/B fragment order above (.trans: transposed).
 #pragma once
@@ -60,6 +64,22 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float* c, const uint32_t* a, u
 #else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: c += a b (tf32 inputs in b32 registers,
+// fp32 accumulate). The instruction does not round its inputs (the low 13 mantissa bits are not
+// used; the emulator drops them): pass values already rounded to tf32.
+__device__ __forceinline__ void mma_m16n8k8_tf32(float* c, const uint32_t* a, uint32_t b0,
+                                                 uint32_t b1 IMGTX_PTX_SITE_ARGS) {
+#if defined(IMGTX_SIMT)
+  ::simt::ptx::mma_m16n8k8_tf32(c, a, b0, b1, IMGTX_PTX_SITE_VALUE);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));

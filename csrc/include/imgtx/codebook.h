@@ -51,20 +51,27 @@ void validate(const CodebookLookupParams& p);
 // O(threads * block) scratch; never an N x K buffer.
 void codebook_lookup_cpu(const CodebookLookupParams& p, int num_threads);
 
-// Process-wide counters of the CPU path's exactness machinery (for tests and benchmarks):
-// rows whose fp32 argmin was not certified and were re-checked over a few candidates, and rows
-// re-searched over every code (non-finite rows, possible fp32 overflow).
+// Process-wide counters of the exactness machinery (for tests and benchmarks): rows whose fast
+// argmin was not certified and were re-checked in float64 over their candidate codes, those
+// candidate codes, and rows re-searched over every code (non-finite rows, possible fp32
+// overflow). The CPU path always counts; the CUDA path counts into its workspace and adds to
+// these only when IMGTX_FAST_CODEBOOK_STATS=1 (a synchronising read-back after each call).
 struct CodebookCounters {
   int64_t rows_rechecked = 0;
   int64_t rows_full_search = 0;
+  int64_t codes_rechecked = 0;
 };
 CodebookCounters codebook_counters();
 void reset_codebook_counters();
+void add_codebook_counters(const CodebookCounters& c);
 
-// CUDA: all pointers are device pointers; `workspace` is a device buffer of at least
+// CUDA: the fast pass runs on tensor cores (3xTF32 mma.sync) on sm_80 and newer, else (or with
+// IMGTX_FAST_CODEBOOK_SIMT=1) as an fp32 SIMT GEMM; the outputs are the same either way.
+// All pointers are device pointers; `workspace` is a device buffer of at least
 // codebook_lookup_cuda_workspace_size(p) bytes, 256-byte aligned (the caller allocates it,
-// so it comes from the framework's caching allocator). Asynchronous on `stream`; launch
-// errors are thrown as std::runtime_error. Capturable in a CUDA graph.
+// so it comes from the framework's caching allocator; it holds two fp32 planes of the padded
+// codebook, ~8 K D bytes, plus O(N) scratch). Asynchronous on `stream`; launch errors are thrown
+// as std::runtime_error. Capturable in a CUDA graph (not with IMGTX_FAST_CODEBOOK_STATS=1).
 size_t codebook_lookup_cuda_workspace_size(const CodebookLookupParams& p);
 void codebook_lookup_cuda(const CodebookLookupParams& p, void* workspace, void* stream);
 
