@@ -33,24 +33,25 @@ step info info.log "$PY" -m imgtx_fast info
 # All-skipped is a failure here: it means torch saw no GPU or the build has no CUDA.
 step "gpu tests" gpu_tests.log bash -c "'$PY' -m pytest tests -m gpu -v -rs && \
   grep -q ' passed' '$OUT/gpu_tests.log'"
-step "cpu tests (smoke)" cpu_tests.log "$PY" -m pytest tests -m "not gpu" -q -x \
+# The `emulated` params (the CUDA kernels under the CPU emulator) need no GPU: CI runs them.
+step "cpu tests (smoke)" cpu_tests.log "$PY" -m pytest tests -m "not gpu and not emulated" -q -x \
   -k "not hypothesis and not compile"
 if command -v compute-sanitizer >/dev/null; then
   step "compute-sanitizer" sanitizer.log compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$PY" -m pytest tests/test_codebook_cuda.py -q -x -k "matches_cpu and 129 or ties"
+    "$PY" -m pytest tests/test_codebook_cuda.py -m gpu -q -x -k "matches_cpu and 129 or ties"
   step "racecheck" racecheck.log compute-sanitizer --tool racecheck --error-exitcode 9 \
-    "$PY" -m pytest tests/test_codebook_cuda.py -q -x -k "matches_cpu and 129 and l2"
+    "$PY" -m pytest tests/test_codebook_cuda.py -m gpu -q -x -k "matches_cpu and 129 and l2"
   step "sanitizer (diffusion)" sanitizer_diffusion.log compute-sanitizer --tool memcheck \
-    --error-exitcode 9 "$PY" -m pytest tests/test_diffusion_cuda.py -q -x \
-    -k "(log_probs and 2-7-33 and fp32) or (vb_terms and 3-7-11) or bad_input"
+    --error-exitcode 9 "$PY" -m pytest tests/test_diffusion_cuda.py -m gpu -q -x \
+    -k "(log_probs and 2x7x33 and fp32) or (vb_terms and 3-7-11) or bad_input"
   step "racecheck (diffusion)" racecheck_diffusion.log compute-sanitizer --tool racecheck \
-    --error-exitcode 9 "$PY" -m pytest tests/test_diffusion_cuda.py -q -x \
-    -k "log_probs and 3-64-17 and fp32 and token"
+    --error-exitcode 9 "$PY" -m pytest tests/test_diffusion_cuda.py -m gpu -q -x \
+    -k "log_probs and 3x64x17 and fp32 and token"
   step "sanitizer (attention)" sanitizer_attention.log compute-sanitizer --tool memcheck \
-    --error-exitcode 9 "$PY" -m pytest tests/test_attention_cuda.py -q -x \
+    --error-exitcode 9 "$PY" -m pytest tests/test_attention_cuda.py -m gpu -q -x \
     -k "(forward and 64 and fp16 and (dense- or local2d- or decode- or key_lengths)) or (backward and 64 and fp16 and (causal- or local1d))"
   step "racecheck (attention)" racecheck_attention.log compute-sanitizer --tool racecheck \
-    --error-exitcode 9 "$PY" -m pytest tests/test_attention_cuda.py -q -x \
+    --error-exitcode 9 "$PY" -m pytest tests/test_attention_cuda.py -m gpu -q -x \
     -k "(forward and 64 and bf16 and causal-) or (backward and 64 and bf16 and dense)"
 else
   status+=("compute-sanitizer         SKIP  (not installed)")

@@ -13,6 +13,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=why))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the item (item.rep_setup, item.rep_call): fixtures read it
+    at teardown (tests/cuda_targets.py checks the emulator's launch count after passed tests)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)
+
+
 @pytest.fixture(params=_C.cpu_isas_available())
 def cpu_isa(request):
     """Run a test once per CPU code path this machine can execute (portable, avx2)."""

@@ -8,11 +8,13 @@
 The `target` fixture's params:
   gpu       CUDA tensors on a real device; marked `gpu` (skipped without one, see conftest.py).
   emulated  CPU tensors inside imgtx_fast.testing.emulated_cuda(): the same CUDA kernels run
-            under the CPU-side emulator of csrc/simt (imgtx_fast._C_simt), ~1e3-1e5x slower
-            than a GPU, so sized tests shrink their cases (Target.pick). Marked `emulated`;
-            skipped when this installation lacks _C_simt (`IMGTX_FAST_SIMT=1 pip install .`).
-  emulated_full  (only on tests decorated with @full_sizes_too) the emulator with the GPU
-            sizes; marked `slow` as well (run with `pytest -m slow` or IMGTX_RUN_SLOW=1).
+            under the CPU-side emulator of csrc/simt (imgtx_fast._C_simt), ~1e4-1e6x slower
+            than a GPU, so sized tests shrink their cases (Target.pick). Marked `emulated`
+            (`pytest -m emulated` runs them all); skipped when this installation lacks
+            _C_simt (`IMGTX_FAST_SIMT=1 pip install .`).
+  emulated_full  (only on tests parametrized with @full_sizes_too or sized_cases) the emulator
+            with the GPU sizes; marked `slow` as well (run with `pytest -m slow` or
+            IMGTX_RUN_SLOW=1).
 
 Under emulation the fixture checks after the test that the emulator launched at least one
 kernel (tests that launch none on purpose set target.expect_launches = False), and
@@ -45,6 +47,29 @@ EMULATED_FULL = pytest.param("emulated_full", marks=[pytest.mark.emulated, pytes
 full_sizes_too = pytest.mark.parametrize("target", [GPU, EMULATED, EMULATED_FULL], indirect=True)
 
 
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except RuntimeError:  # sizes holding tensors (e.g. key_lengths) that differ in shape
+        return False
+
+
+def sized_cases(cases: dict):
+    """Params for @pytest.mark.parametrize("target, case", sized_cases(CASES), indirect=["target"]),
+    where CASES maps a case name to (its GPU size, its emulated size) and the test reads
+    target.pick(*CASES[case]): every case on `gpu` and `emulated`, and on `emulated_full`
+    (slow) the cases whose emulated size is a shrunk stand-in."""
+    params = []
+    for t in (GPU, EMULATED, EMULATED_FULL):
+        for name, (full, small) in cases.items():
+            if t is EMULATED_FULL and _same(full, small):
+                continue
+            params.append(pytest.param(t.values[0], name, marks=t.marks, id=f"{name}-{t.id}"))
+    return params
+
+
 class Target:
     """Where the CUDA kernels of a test run: a GPU, or the emulator on CPU tensors."""
 
@@ -60,9 +85,17 @@ class Target:
         return f"Target({self.name!r})"
 
     def to(self, x):
-        """x moved to the target's device (CPU tensors stay as they are under emulation);
-        anything that is not a tensor is returned unchanged."""
-        return x.to(self.device) if isinstance(x, torch.Tensor) else x
+        """x on the target's device with the same strides and storage offset (CPU tensors stay
+        as they are under emulation; a plain .to("cuda") would make slices and expanded views
+        contiguous, so the GPU would not see the layout the test builds); anything that is not
+        a tensor is returned unchanged."""
+        if not isinstance(x, torch.Tensor) or x.device.type == self.device:
+            return x
+        if x.is_contiguous() and x.storage_offset() == 0:
+            return x.to(self.device)
+        n = x.untyped_storage().nbytes() // x.element_size()
+        storage = torch.empty(0, dtype=x.dtype).set_(x.untyped_storage(), 0, (n,), (1,))
+        return storage.to(self.device).as_strided(x.shape, x.stride(), x.storage_offset())
 
     def to_kw(self, kw: dict) -> dict:
         return {n: self.to(v) for n, v in kw.items()}
@@ -71,8 +104,12 @@ class Target:
         """A torch.Generator on the target's device, seeded."""
         return torch.Generator(self.device).manual_seed(seed)
 
-    def pick(self, full, small):
-        """`full` on the GPU (and for emulated_full), `small` under the plain emulated target."""
+    def pick(self, full, small, emulated_full=None):
+        """`full` on the GPU, `small` under the plain emulated target; emulated_full takes
+        `full` too unless given its own value (where the GPU sizes would take the emulator
+        far too long even for a `slow` test)."""
+        if self.name == "emulated_full" and emulated_full is not None:
+            return emulated_full
         return small if self.small else full
 
     @contextlib.contextmanager

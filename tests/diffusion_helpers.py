@@ -68,3 +68,20 @@ def replace_heavy_schedule(K: int, T: int = 10) -> MaskAndReplaceSchedule:
     """A schedule whose 'replace' part is large (the defaults make it ~1e-6 / K)."""
     return MaskAndReplaceSchedule(K, T, alpha_cum_start=0.9, alpha_cum_end=0.2,
                                   gamma_cum_start=0.02, gamma_cum_end=0.5)
+
+
+def truncate_keeping_ties(log_p: torch.Tensor, r: float) -> torch.Tensor:
+    """log_p (B, K, N) in float64 with the classes that top-r drops set to -inf, ties kept
+    together as the kernels keep them: class j stays while the mass strictly above p_j is < r.
+    (The reference's sort, like diffusers', keeps an arbitrary part of a tie, and fp16/bf16
+    logits tie often.) Pass the result with truncation_rate=None to the reference."""
+    lp = log_p.double()
+    p = (lp - lp.amax(1, keepdim=True)).exp()
+    p = p / p.sum(1, keepdim=True)
+    sp, order = p.sort(1, descending=True)
+    excl = sp.cumsum(1) - sp
+    first = torch.ones_like(sp, dtype=torch.bool)  # first class of each run of equal p
+    first[:, 1:] = sp[:, 1:] != sp[:, :-1]
+    above = torch.where(first, excl, torch.zeros_like(excl)).cummax(1).values  # excl is sorted
+    keep = torch.empty_like(first).scatter_(1, order, above < r)
+    return torch.where(keep, lp, torch.tensor(-float("inf"), dtype=torch.float64))

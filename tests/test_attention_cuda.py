@@ -6,30 +6,38 @@
   the float64 reference with tolerances from the dtype (P is rounded to the input dtype before
   the P V product, as in FlashAttention: a few ulp of the output scale).
 
-Marked `gpu`: skipped without a CUDA device (see conftest.py); run by scripts/device_check.sh.
+The kernel tests take `target` and run twice (tests/cuda_targets.py): on a GPU (param `gpu`,
+skipped without a CUDA device; run by scripts/device_check.sh) and under the CPU emulator of
+the CUDA kernels (param `emulated`: CPU fp16/bf16 tensors inside emulated_cuda() take the
+kernels whatever IMGTX_FAST_CUDA_ATTENTION says), with smaller decode cases. The reference
+path and graph capture are GPU-only (marked `gpu`).
 """
 import pytest
 import torch
 
 from attention_helpers import HALF_EPS, gen_for, make_mask, make_qkv, randn
+from cuda_targets import EMULATOR_SEED, sized_cases, skip_slow_unless_requested, target  # noqa: F401
 from imgtx_fast import Local1d, Local2d, attention
 from imgtx_fast.ops.fused_attention import attention_op, cuda_kernels_enabled
 from imgtx_fast.reference import attention as ref
-
-pytestmark = pytest.mark.gpu
+from imgtx_fast.testing import emulated_cuda
 
 
 @pytest.fixture
-def cuda_kernels(monkeypatch):
-    monkeypatch.setenv("IMGTX_FAST_CUDA_ATTENTION", "1")
-    if not cuda_kernels_enabled():
-        pytest.skip("imgtx_fast was built without CUDA")
+def cuda_kernels(target, monkeypatch):
+    """The target, with the CUDA attention kernels enabled (on a GPU they are opt-in)."""
+    if not target.emulated:
+        monkeypatch.setenv("IMGTX_FAST_CUDA_ATTENTION", "1")
+        if not cuda_kernels_enabled():
+            pytest.skip("imgtx_fast was built without CUDA")
+    return target
 
 
 def _to(x, device):
     return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(pattern=Local1d(16)),
                                 dict(pattern=Local2d(6, 10, (2, 5), (2, 3))),
                                 dict(key_lengths=torch.tensor([60, 7]))],
@@ -50,6 +58,9 @@ def test_reference_path_matches_cpu(kw):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=name)
 
 
+# name: (B, H, Hkv, Nq, Nk, kw). Tiles of 64 queries x 64 keys; q_len <= 4 takes the decode
+# configuration: the query heads of a kv head packed into one CTA and the keys split over
+# CTAs (flash-decoding, ~ceil(Nk / 128) splits), then attn_combine_kernel.
 CASES = {
     "dense": (2, 4, 4, 100, 100, {}),
     "dense_cross": (2, 4, 2, 77, 300, {}),
@@ -66,10 +77,19 @@ CASES = {
     "decode_chunk": (2, 4, 4, 3, 513, dict(causal=True, key_lengths=torch.tensor([513, 100]))),
     "decode_local2d": (1, 2, 2, 2, 60, dict(pattern=Local2d(6, 10, (2, 5), (2, 3)))),
 }
+# The emulator's stand-ins where the GPU sizes cost too much there (the decode backward walks
+# every key block of every head): still split-K (3 splits, the last one partial) with 4 query
+# heads packed per kv head, and a partial last key block.
+EMULATED_CASES = {
+    "decode": (2, 8, 2, 1, 300, dict(causal=True)),
+    "decode_chunk": (2, 4, 4, 3, 257, dict(causal=True, key_lengths=torch.tensor([257, 100]))),
+}
+SIZES = {name: (case, EMULATED_CASES.get(name, case)) for name, case in CASES.items()}
+SPLIT_K = {"decode", "decode_chunk"}  # forward: the split kernel + attn_combine_kernel
 
 
-def _case(name, D, dtype):
-    B, H, Hkv, Nq, Nk, kw = CASES[name]
+def _case(name, D, dtype, target):
+    B, H, Hkv, Nq, Nk, kw = target.pick(*SIZES[name])
     gen = gen_for("cuda", name, D, str(dtype))
     q, k, v = make_qkv(B, H, Hkv, Nq, Nk, D, dtype=dtype, gen=gen)
     kw = dict(kw)
@@ -78,16 +98,21 @@ def _case(name, D, dtype):
     return q, k, v, kw, gen
 
 
+def _double(kw):
+    return {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            for n, t in kw.items()}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("D", [32, 64, 96, 128])
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("target,name", sized_cases(SIZES), indirect=["target"])
 def test_kernel_forward_vs_reference(cuda_kernels, name, D, dtype):
-    q, k, v, kw, _ = _case(name, D, dtype)
-    out, lse = attention(q.cuda(), k.cuda(), v.cuda(), return_lse=True,
-                         **{n: _to(t, "cuda") for n, t in kw.items()})
-    want, want_lse = ref.attention(q.double(), k.double(), v.double(), return_lse=True,
-                                   **{n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
-                                      for n, t in kw.items()})
+    target = cuda_kernels
+    q, k, v, kw, _ = _case(name, D, dtype, target)
+    with target.kernels(at_least=2 if name in SPLIT_K else 1):
+        out, lse = attention(target.to(q), target.to(k), target.to(v), return_lse=True,
+                             **target.to_kw(kw))
+    want, want_lse = ref.attention(q.double(), k.double(), v.double(), return_lse=True, **_double(kw))
     eps = HALF_EPS[dtype]
     scale_v = float(v.abs().max())
     torch.testing.assert_close(out.double().cpu(), want, atol=4 * eps * scale_v, rtol=4 * eps)
@@ -96,17 +121,17 @@ def test_kernel_forward_vs_reference(cuda_kernels, name, D, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("D", [32, 64, 96, 128])
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("target,name", sized_cases(SIZES), indirect=["target"])
 def test_kernel_backward_vs_reference(cuda_kernels, name, D, dtype):
-    q, k, v, kw, gen = _case(name, D, dtype)
+    target = cuda_kernels
+    q, k, v, kw, gen = _case(name, D, dtype, target)
     g = randn((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), gen, dtype)
-    leaves = [t.cuda().requires_grad_() for t in (q, k, v)]
-    out = attention(*leaves, **{n: _to(t, "cuda") for n, t in kw.items()})
-    got = torch.autograd.grad(out, leaves, g.cuda())
+    leaves = [target.to(t).requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, **target.to_kw(kw))
+    with target.kernels():
+        got = torch.autograd.grad(out, leaves, target.to(g))
     rl = [t.double().requires_grad_() for t in (q, k, v)]
-    rkw = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
-           for n, t in kw.items()}
-    want = torch.autograd.grad(ref.attention(*rl, **rkw), rl, g.double())
+    want = torch.autograd.grad(ref.attention(*rl, **_double(kw)), rl, g.double())
     eps = HALF_EPS[dtype]
     for name_, a, b in zip("qkv", got, want):
         b = torch.nan_to_num(b)  # rows without a visible key: the reference's 0 * NaN
@@ -115,17 +140,36 @@ def test_kernel_backward_vs_reference(cuda_kernels, name, D, dtype):
 
 
 def test_kernel_unsupported_falls_back(cuda_kernels):
-    """fp32 and head dims the kernels lack run the torch path with the same semantics."""
+    """fp32, head dims the kernels lack and Dv != D run the fallback (the torch path on a GPU,
+    the CPU kernels under the emulator) with the same semantics; under the emulator no CUDA
+    kernel may launch. Emulated sm_86 also lacks the shared memory of the D = 128 backward, so
+    D = 128 falls back there as a whole while D = 64 still takes the kernels."""
+    target = cuda_kernels
+    target.expect_launches = False
     gen = gen_for("fallback")
-    for dtype, D in ((torch.float32, 64), (torch.float16, 40)):
-        q, k, v = make_qkv(1, 2, 2, 33, 33, D, dtype=dtype, gen=gen)
-        out = attention(q.cuda(), k.cuda(), v.cuda(), causal=True)
+    for dtype, D, Dv in ((torch.float32, 64, 64), (torch.float16, 40, 40), (torch.float16, 64, 32)):
+        q, k, v = make_qkv(1, 2, 2, 33, 33, D, Dv, dtype=dtype, gen=gen)
+        out = attention(target.to(q), target.to(k), target.to(v), causal=True)
         want = ref.attention(q.double(), k.double(), v.double(), causal=True)
         torch.testing.assert_close(out.double().cpu(), want, atol=1e-2, rtol=1e-2)
+        assert target.launches() == 0, (dtype, D, Dv)
+    if target.emulated:
+        with emulated_cuda(seed=EMULATOR_SEED, arch=86):
+            for D, launches in ((128, 0), (64, 1)):
+                q, k, v = make_qkv(1, 2, 2, 33, 33, D, dtype=torch.float16, gen=gen)
+                before = target.launches()
+                out = attention(q, k, v, causal=True)
+                assert target.launches() - before == launches, D
+                want = ref.attention(q.double(), k.double(), v.double(), causal=True)
+                torch.testing.assert_close(out.double(), want, atol=4e-3, rtol=4e-3)
 
 
-def test_kernel_graph_capture(cuda_kernels):
+@pytest.mark.gpu
+def test_kernel_graph_capture(monkeypatch):
     """The launches take the current stream and never sync: a CUDA graph replays them."""
+    monkeypatch.setenv("IMGTX_FAST_CUDA_ATTENTION", "1")
+    if not cuda_kernels_enabled():
+        pytest.skip("imgtx_fast was built without CUDA")
     gen = gen_for("graph")
     q, k, v = (t.cuda() for t in make_qkv(2, 4, 4, 128, 128, 64, dtype=torch.float16, gen=gen))
     torch.cuda.synchronize()
@@ -145,22 +189,27 @@ def test_kernel_graph_capture(cuda_kernels):
 
 def test_kernel_top_left_offset_and_strided_views(cuda_kernels):
     """attention_op's causal_offset and q/k/v sliced from a fused (B, N, 3, H, D) projection."""
+    target = cuda_kernels
     gen = gen_for("strided")
-    qkv = randn((2, 90, 3, 4, 64), gen, torch.float16).cuda()
+    qkv = target.to(randn((2, 90, 3, 4, 64), gen, torch.float16))
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    out, _ = attention_op(q, k, v, causal_offset=0)
+    with target.kernels():
+        out, _ = attention_op(q, k, v, causal_offset=0)
     want = ref.attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), causal=True)
     torch.testing.assert_close(out.double().cpu(), want, atol=4e-3, rtol=4e-3)
 
 
 def test_kernel_lse_gradient(cuda_kernels):
     """A loss that uses lse: d lse / d s = P folded into the backward's Delta."""
+    target = cuda_kernels
     gen = gen_for("cuda_lse_grad")
     q, k, v = make_qkv(2, 4, 2, 70, 90, 64, dtype=torch.float16, gen=gen)
     g, g_lse = randn((2, 4, 70, 64), gen), randn((2, 4, 70), gen)
-    leaves = [t.cuda().requires_grad_() for t in (q, k, v)]
-    out, lse = attention(*leaves, causal=True, return_lse=True)
-    got = torch.autograd.grad((out.float() * g.cuda()).sum() + (lse * g_lse.cuda()).sum(), leaves)
+    leaves = [target.to(t).requires_grad_() for t in (q, k, v)]
+    with target.kernels(at_least=2):  # forward and backward
+        out, lse = attention(*leaves, causal=True, return_lse=True)
+        got = torch.autograd.grad((out.float() * target.to(g)).sum() + (lse * target.to(g_lse)).sum(),
+                                  leaves)
     rl = [t.double().requires_grad_() for t in (q, k, v)]
     rout, rlse = ref.attention(*rl, causal=True, return_lse=True)
     want = torch.autograd.grad((rout * g.double()).sum() + (rlse * g_lse.double()).sum(), rl)
@@ -171,14 +220,16 @@ def test_kernel_lse_gradient(cuda_kernels):
 def test_kernel_unaligned_rows_and_empty_batches(cuda_kernels):
     """Rows that are not 16-byte aligned take the scalar-load path; a batch with no visible key
     gives exactly 0 and lse = LSE_EMPTY; decode packs several query heads per kv head."""
+    target = cuda_kernels
     gen = gen_for("cuda_unaligned")
-    base = randn((2, 8, 3, 65), gen, torch.float16).cuda()
+    base = target.to(randn((2, 8, 3, 65), gen, torch.float16))
     q = base[:, :, :1, 1:].expand(2, 8, 1, 64)         # decode: 1 query, stride-0 rows
-    kv = randn((2, 2, 300, 65), gen, torch.float16).cuda()
+    kv = target.to(randn((2, 2, 300, 65), gen, torch.float16))
     k, v = kv[..., 1:], kv[..., :64]
-    lengths = torch.tensor([300, 0], device="cuda")
-    mask = randn((1, 8, 1, 300), gen, torch.float16).cuda()
-    out, lse = attention(q, k, v, key_lengths=lengths, attn_mask=mask, return_lse=True)
+    lengths = target.to(torch.tensor([300, 0]))
+    mask = target.to(randn((1, 8, 1, 300), gen, torch.float16))
+    with target.kernels():
+        out, lse = attention(q, k, v, key_lengths=lengths, attn_mask=mask, return_lse=True)
     want, want_lse = ref.attention(q.double().cpu(), k.double().cpu(), v.double().cpu(),
                                    key_lengths=lengths.cpu(), attn_mask=mask.double().cpu(),
                                    return_lse=True)
@@ -189,7 +240,11 @@ def test_kernel_unaligned_rows_and_empty_batches(cuda_kernels):
 
 
 def test_kernel_no_keys(cuda_kernels):
-    q = torch.randn(1, 2, 5, 64, device="cuda", dtype=torch.float16)
-    k = torch.randn(1, 2, 0, 64, device="cuda", dtype=torch.float16)
+    """No key at all: exact zeros and LSE_EMPTY without a launch (no kernel is needed)."""
+    target = cuda_kernels
+    target.expect_launches = False
+    gen = gen_for("no_keys")
+    q = target.to(randn((1, 2, 5, 64), gen, torch.float16))
+    k = target.to(randn((1, 2, 0, 64), gen, torch.float16))
     out, lse = attention(q, k, k, return_lse=True)
     assert torch.equal(out.float(), torch.zeros_like(out.float())) and (lse == ref.LSE_EMPTY).all()

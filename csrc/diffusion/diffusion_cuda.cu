@@ -465,10 +465,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       u0 = tr.u0;
       P = tr.kept;
     }
-    // p_j as truncated: dropped classes become 0 (u0 >= 1, so this also zeroes p = 0)
-    auto kept = [truncating, u0](float e) {
-      return truncating && __float_as_int(e) < u0 ? 0.f : e;
+    // p_j as truncated: dropped classes become 0 (u0 >= 1, so this also zeroes p = 0). The
+    // output pass maps threads to tokens by the output's layout, so it passes the threshold of
+    // the token it writes (PostTok::u0), not this thread's.
+    auto kept_by = [truncating](float e, int threshold) {
+      return truncating && __float_as_int(e) < threshold ? 0.f : e;
     };
+    auto kept = [&](float e) { return kept_by(e, u0); };
 
     // The token's scalar math (float64, mr_token_math.h), once per token.
     if (me.r == 0) {
@@ -556,12 +559,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
             v = (l - T.M) + T.log_u;  // (x - m) first: exact for logits near m, any magnitude
             if (truncating) {
               const float e = orow != nullptr ? orow[j] : expf(l - T.M);
-              if (!(kept(e) > 0.f)) v = -kInf;
+              if (!(kept_by(e, T.u0) > 0.f)) v = -kInf;
             }
           } else if (j == T.s) {
             v = T.out_s;
           } else {
-            const float e = kept(prob_at(osrc, orow, T.M, j));
+            const float e = kept_by(prob_at(osrc, orow, T.M, j), T.u0);
             v = logf(fmaxf(fmaf(T.ug, e, T.vy), mr::kPiFloor)) - T.lp;
           }
           out[int64_t(j) * p.out_stride_class] = v;
