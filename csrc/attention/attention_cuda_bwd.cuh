@@ -58,29 +58,16 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const BwdArgs a) {
   if (!make_tile(P, t, b, tl)) return;
   const int R = tl.n;
 
-  for (int r = tid; r < kBM; r += kThreads) {
-    if (r < R) {
-      int64_t i;
-      int qp;
-      tile_row(P, tl, r, i, qp);
-      sRowI[r] = int(i);
-      sRowQ[r] = qp;
-    } else {
-      sRowI[r] = -1;
-      sRowQ[r] = INT_MAX;
-    }
-  }
+  fill_rows(P, tl, R, h, sRowI, nullptr, sRowQ);
   __syncthreads();
 
   const bool aligned = a.aligned != 0;
-  for (int e = tid; e < kBM * (D / 8); e += kThreads) {
-    const int r = e / (D / 8), c = e % (D / 8);
-    const bool valid = r < R;
-    const int64_t i = valid ? sRowI[r] : 0;
-    load_chunk(sQ + r * LD + c * 8, a.q.data, b * a.q.sb + h * a.q.sh + i * a.q.sr + c * 8, valid, aligned);
-    load_chunk(sDO + r * LD + c * 8, a.dout.data, b * a.dout.sb + h * a.dout.sh + i * a.dout.sr + c * 8,
-               valid, aligned);
-  }
+  load_tile<D>(sQ, kBM, a.q.data, [&](int r) {
+    return r < R ? b * a.q.sb + h * a.q.sh + int64_t(sRowI[r]) * a.q.sr : int64_t(-1);
+  }, aligned);
+  load_tile<D>(sDO, kBM, a.dout.data, [&](int r) {
+    return r < R ? b * a.dout.sb + h * a.dout.sh + int64_t(sRowI[r]) * a.dout.sr : int64_t(-1);
+  }, aligned);
   cp_async_commit();
 
   // lse and Delta = rowsum(dO * O) - grad_lse: two threads per row.
@@ -115,16 +102,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const BwdArgs a) {
   const bool has_mask = a.mask.kind != int(AttnMaskKind::kNone);
   const int64_t kbase = b * a.k.sb + kvh * a.k.sh, vbase = b * a.v.sb + kvh * a.v.sh;
   auto issue_kv = [&](int buf) {
-    const int* krow = sKeyRow + buf * kBN;
-    T* dk = sK + buf * kBN * LD;
-    T* dv = sV + buf * kBN * LD;
-    for (int e = tid; e < kBN * (D / 8); e += kThreads) {
-      const int r = e / (D / 8), c = e % (D / 8);
-      const int j = krow[r];
-      const bool valid = j >= 0;
-      load_chunk(dk + r * LD + c * 8, a.k.data, kbase + int64_t(j) * a.k.sr + c * 8, valid, aligned);
-      load_chunk(dv + r * LD + c * 8, a.v.data, vbase + int64_t(j) * a.v.sr + c * 8, valid, aligned);
-    }
+    load_kv_block<D>(sK + buf * kBN * LD, sV + buf * kBN * LD, sKeyRow + buf * kBN, a.k, a.v,
+                     kbase, vbase, aligned);
   };
   bool skip_cur = true, mask_cur = true, skip_nxt = true, mask_nxt = true;
   if (nb > 0) {

@@ -115,35 +115,44 @@ template <int D, class T>
 void launch_bwd(const BwdArgs& a, int64_t ctas, cudaStream_t stream);
 
 // ---- tensor-core and copy primitives -----------------------------------------------------
+// The fp16 and bf16 kernels differ in three one-liners (the pair conversion, the mma, the element
+// access); TypeOps<T> writes everything else once.
+__device__ __forceinline__ __half2 float_pair(float a, float b, __half) { return __floats2half2_rn(a, b); }
+__device__ __forceinline__ __nv_bfloat162 float_pair(float a, float b, __nv_bfloat16) {
+  return __floats2bfloat162_rn(a, b);
+}
+__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1,
+                                          __half IMGTX_PTX_SITE_ARGS) {
+  ptx::mma_m16n8k16_f16(c, a, b0, b1 IMGTX_PTX_SITE_FORWARD);
+}
+__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1,
+                                          __nv_bfloat16 IMGTX_PTX_SITE_ARGS) {
+  ptx::mma_m16n8k16_bf16(c, a, b0, b1 IMGTX_PTX_SITE_FORWARD);
+}
 template <class T>
-struct TypeOps;
-
+struct ElementOf;
 template <>
-struct TypeOps<__half> {
-  static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0,
-                                             uint32_t b1 IMGTX_PTX_SITE_ARGS) {
-    ptx::mma_m16n8k16_f16(c, a, b0, b1 IMGTX_PTX_SITE_FORWARD);
-  }
-  static __device__ __forceinline__ void store(void* p, int64_t i, float v) { F16::store(p, i, v); }
-  static __device__ __forceinline__ float load(const void* p, int64_t i) { return F16::load(p, i); }
+struct ElementOf<__half> {
+  typedef F16 type;
+};
+template <>
+struct ElementOf<__nv_bfloat16> {
+  typedef BF16 type;
 };
 
-template <>
-struct TypeOps<__nv_bfloat16> {
+template <class T>
+struct TypeOps {
+  typedef typename ElementOf<T>::type Elem;
   static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
+    const auto h = float_pair(a, b, T());
+    return *reinterpret_cast<const uint32_t*>(&h);
   }
   static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0,
                                              uint32_t b1 IMGTX_PTX_SITE_ARGS) {
-    ptx::mma_m16n8k16_bf16(c, a, b0, b1 IMGTX_PTX_SITE_FORWARD);
+    mma_16816(c, a, b0, b1, T() IMGTX_PTX_SITE_FORWARD);
   }
-  static __device__ __forceinline__ void store(void* p, int64_t i, float v) { BF16::store(p, i, v); }
-  static __device__ __forceinline__ float load(const void* p, int64_t i) { return BF16::load(p, i); }
+  static __device__ __forceinline__ void store(void* p, int64_t i, float v) { Elem::store(p, i, v); }
+  static __device__ __forceinline__ float load(const void* p, int64_t i) { return Elem::load(p, i); }
 };
 
 __device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p IMGTX_PTX_SITE_ARGS) {
@@ -186,6 +195,49 @@ __device__ __forceinline__ void load_chunk(void* dst, const void* base, int64_t 
     v.w = e[6] | (uint32_t(e[7]) << 16);
   }
   *static_cast<uint4*>(dst) = v;
+}
+
+// Copies rows into a [rows][D + 8] shared tile, 8 elements per chunk: row r comes from
+// element offset row_offset(r) of `data`, or is zeros when that is negative (padding rows).
+// Threads split the chunks; cp.async when `aligned` (the caller commits the group).
+template <int D, class T, class RowOffset>
+__device__ __forceinline__ void load_tile(T* dst, int rows, const void* data, RowOffset row_offset,
+                                          bool aligned) {
+  for (int e = threadIdx.x; e < rows * (D / 8); e += kThreads) {
+    const int r = e / (D / 8), c = e % (D / 8);
+    const int64_t off = row_offset(r);
+    load_chunk(dst + r * (D + 8) + c * 8, data, off < 0 ? 0 : off + c * 8, off >= 0, aligned);
+  }
+}
+
+// Issues the K and V rows of one key block (krow[r] < 0: padding) into the double buffers.
+template <int D, class T>
+__device__ __forceinline__ void load_kv_block(T* sK, T* sV, const int* krow, const TensorArgs& k,
+                                              const TensorArgs& v, int64_t kbase, int64_t vbase,
+                                              bool aligned) {
+  load_tile<D>(sK, kBN, k.data, [&](int r) { return krow[r] < 0 ? int64_t(-1) : kbase + int64_t(krow[r]) * k.sr; }, aligned);
+  load_tile<D>(sV, kBN, v.data, [&](int r) { return krow[r] < 0 ? int64_t(-1) : vbase + int64_t(krow[r]) * v.sr; }, aligned);
+}
+
+// The query rows of a tile (R = heads x tile rows of them real): position in the sequence
+// (sRowI), query head (sRowH, when packed heads share the CTA; may be null) and position for
+// the causal rule (sRowQ). Padding rows: -1, h0, INT_MAX (they see everything, are never written).
+__device__ __forceinline__ void fill_rows(const DevPlan& P, const Tile& tl, int R, int64_t h0,
+                                          int* sRowI, int* sRowH, int* sRowQ) {
+  for (int r = threadIdx.x; r < kBM; r += kThreads) {
+    if (r < R) {
+      int64_t i;
+      int qp;
+      tile_row(P, tl, r % tl.n, i, qp);
+      sRowI[r] = int(i);
+      if (sRowH) sRowH[r] = int(h0 + r / tl.n);
+      sRowQ[r] = qp;
+    } else {
+      sRowI[r] = -1;
+      if (sRowH) sRowH[r] = int(h0);
+      sRowQ[r] = INT_MAX;
+    }
+  }
 }
 
 __device__ __forceinline__ float quad_max(float x) {

@@ -60,30 +60,14 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdArgs a) {
   if (!make_tile(P, t, b, tl)) return;  // uniform
   const int R = nh * tl.n;              // <= kBM (host guarantees hpack * tile_rows <= kBM)
 
-  for (int r = tid; r < kBM; r += kThreads) {
-    if (r < R) {
-      int64_t i;
-      int qp;
-      tile_row(P, tl, r % tl.n, i, qp);
-      sRowI[r] = int(i);
-      sRowH[r] = int(h0 + r / tl.n);
-      sRowQ[r] = qp;
-    } else {
-      sRowI[r] = -1;
-      sRowH[r] = int(h0);
-      sRowQ[r] = INT_MAX;  // padding rows see everything: finite, never written
-    }
-  }
+  fill_rows(P, tl, R, h0, sRowI, sRowH, sRowQ);
   __syncthreads();
 
   // Q tile -> shared (group 0).
   const bool aligned = a.aligned != 0;
-  for (int e = tid; e < kBM * (D / 8); e += kThreads) {
-    const int r = e / (D / 8), c = e % (D / 8);
-    const bool valid = r < R;
-    const int64_t off = b * a.q.sb + int64_t(sRowH[r]) * a.q.sh + int64_t(valid ? sRowI[r] : 0) * a.q.sr + c * 8;
-    load_chunk(sQ + r * LD + c * 8, a.q.data, off, valid, aligned);
-  }
+  load_tile<D>(sQ, kBM, a.q.data, [&](int r) {
+    return r < R ? b * a.q.sb + int64_t(sRowH[r]) * a.q.sh + int64_t(sRowI[r]) * a.q.sr : int64_t(-1);
+  }, aligned);
   cp_async_commit();
 
   // Key blocks of this split.
@@ -96,16 +80,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const FwdArgs a) {
   const int64_t kbase = b * a.k.sb + kvh * a.k.sh, vbase = b * a.v.sb + kvh * a.v.sh;
 
   auto issue_kv = [&](int buf) {
-    const int* krow = sKeyRow + buf * kBN;
-    T* dk = sK + buf * kBN * LD;
-    T* dv = sV + buf * kBN * LD;
-    for (int e = tid; e < kBN * (D / 8); e += kThreads) {
-      const int r = e / (D / 8), c = e % (D / 8);
-      const int j = krow[r];
-      const bool valid = j >= 0;
-      load_chunk(dk + r * LD + c * 8, a.k.data, kbase + int64_t(j) * a.k.sr + c * 8, valid, aligned);
-      load_chunk(dv + r * LD + c * 8, a.v.data, vbase + int64_t(j) * a.v.sr + c * 8, valid, aligned);
-    }
+    load_kv_block<D>(sK + buf * kBN * LD, sV + buf * kBN * LD, sKeyRow + buf * kBN, a.k, a.v,
+                     kbase, vbase, aligned);
   };
 
   bool skip_cur = true, mask_cur = true, skip_nxt = true, mask_nxt = true;
