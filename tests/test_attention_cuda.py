@@ -68,6 +68,9 @@ CASES = {
     "causal_kv_cache": (1, 8, 2, 37, 200, dict(causal=True)),
     "key_lengths": (3, 2, 2, 64, 77, dict(key_lengths=torch.tensor([77, 20, 0]))),
     "bool_mask": (2, 2, 2, 50, 70, dict(attn_mask="bool")),
+    # A mask makes every key block read the block's key indices: with 4 blocks, the next
+    # block's indices are written while the last is still read (the loop-end barrier's job).
+    "bool_mask_long": (1, 2, 2, 40, 200, dict(attn_mask="bool")),
     "additive_mask": (2, 2, 1, 50, 70, dict(attn_mask="add_q")),
     "local1d": (2, 2, 2, 300, 300, dict(pattern=Local1d(64))),
     "local1d_window": (1, 2, 2, 300, 300, dict(pattern=Local1d(64, False, 17))),
