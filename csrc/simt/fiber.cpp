@@ -111,13 +111,16 @@ void fiber_init(Thread& t, void (*entry)(void*), void* arg) {
 
 // Switches from the running context (saved into *save_sp) to to_sp. to_stack/to_size describe
 // the target's stack for ASan (nullptr: the scheduler's own stack).
-void fiber_switch(void** save_sp, void* to_sp, const char* to_stack, size_t to_size) {
+void fiber_switch(void** save_sp, void* to_sp, const char* to_stack, size_t to_size, bool dying) {
 #if defined(SIMT_ASAN)
   void* fake = nullptr;
   const void* bottom = to_stack ? static_cast<const void*>(to_stack) : t_sched_bottom;
   const size_t size = to_stack ? to_size : t_sched_size;
-  __sanitizer_start_switch_fiber(&fake, bottom, size);
+  // A fiber that will never run again says so (null), so ASan frees its fake stack: otherwise
+  // every emulated thread of every block would keep one (detect_stack_use_after_return).
+  __sanitizer_start_switch_fiber(dying ? nullptr : &fake, bottom, size);
 #else
+  (void)dying;
   (void)to_stack;
   (void)to_size;
 #endif

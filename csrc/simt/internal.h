@@ -98,7 +98,8 @@ constexpr int kMaxThreads = 1024;
 
 // Fibers (fiber.cpp).
 void fiber_init(Thread& t, void (*entry)(void*), void* arg);
-void fiber_switch(void** save_sp, void* to_sp, const char* to_stack, size_t to_size);
+void fiber_switch(void** save_sp, void* to_sp, const char* to_stack, size_t to_size,
+                  bool dying = false);
 void fiber_enter_scheduler_info();
 
 // Race detector / access accounting (race.cpp).

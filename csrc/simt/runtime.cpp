@@ -199,7 +199,7 @@ void fiber_entry(void* arg) {
     if (e.error.empty()) e.error = where_now() + ": unknown exception";
   }
   thread_exit(e, *t);
-  for (;;) yield(e, *t);  // never resumed
+  for (;;) fiber_switch(&t->sp, e.sched_sp, nullptr, 0, /*dying=*/true);  // never resumed
 }
 
 [[noreturn]] void deadlock(Emu& e) {
