@@ -43,6 +43,8 @@ def emulated_cuda(seed: int = 0, arch: int = 80, *, sample_blocks: int = 0):
     it sets the shared-memory limits the kernels are checked against.
     sample_blocks: run only that many blocks of each launch (0: all), for cost-model runs whose
     outputs are discarded (benchmarks/gpu_model.py): launch_log() scales their counts to the grid.
+    The skipped blocks write nothing, so a later kernel that follows indices an earlier one
+    writes (the codebook finalize) may read out of bounds: sample only launches that do not.
     Yields the module, whose counters() and launch_log() tell what ran.
     """
     from .ops._launch import EMULATOR

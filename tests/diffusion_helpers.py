@@ -85,3 +85,25 @@ def truncate_keeping_ties(log_p: torch.Tensor, r: float) -> torch.Tensor:
     above = torch.where(first, excl, torch.zeros_like(excl)).cummax(1).values  # excl is sorted
     keep = torch.empty_like(first).scatter_(1, order, above < r)
     return torch.where(keep, lp, torch.tensor(-float("inf"), dtype=torch.float64))
+
+
+def large_logit_case(t: int, guided: bool):
+    """Raw logits around 1e4 (the kernels are shift-invariant, so users pass them unnormalised):
+    (x, x_t, t, sched, kwargs of posterior_log_probs, the float64 reference log-probs). The
+    t = 0 log-space path must form (l - M) + (log u - log pi) so the large values cancel first;
+    l + (log u - log pi - M) rounded the 1e4-sized sum and lost ~2.4e-4 of total variation."""
+    import torch
+    from imgtx_fast.reference import diffusion as ref
+
+    g = torch.Generator().manual_seed(7 + t)
+    B, K, N = 2, 50, 64
+    sched = replace_heavy_schedule(K, 10)
+    x = (torch.randn(B, K, N, generator=g, dtype=torch.float64) * 3 + 1e4).float()
+    u = (torch.randn(B, K, N, generator=g, dtype=torch.float64) * 3 + 1e4).float() if guided else None
+    x_t = torch.randint(0, K + 1, (B, N), generator=g)
+    tt = torch.full((B,), t)
+    kw = dict(guidance_scale=2.0, log_p_x0_uncond=u) if guided else {}
+    want = ref.posterior_log_probs(x.double(), x_t, sched.coefs(tt, B, "cpu").double(),
+                                   log_p_uncond=None if u is None else u.double(),
+                                   guidance_scale=2.0 if guided else None)
+    return x, x_t, tt, sched, kw, want

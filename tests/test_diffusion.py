@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from diffusion_helpers import (chi_square_pvalue, posterior_by_bayes, replace_heavy_schedule)
+from diffusion_helpers import (chi_square_pvalue, large_logit_case, posterior_by_bayes,
+                               replace_heavy_schedule)
 from imgtx_fast.diffusion import (MaskAndReplaceSchedule, posterior_log_probs, posterior_sample,
                                   q_sample)
 from imgtx_fast.reference import diffusion as ref
@@ -29,21 +30,8 @@ def _tv(a, b):
 @pytest.mark.parametrize("guided", [False, True])
 @pytest.mark.parametrize("t", [0, 4])
 def test_log_probs_keep_fp32_accuracy_at_large_logits(t, guided):
-    """Raw logits around 1e4 (the kernels are shift-invariant, so users pass them unnormalised):
-    the t = 0 log-space path forms (l - M) + (log u - log pi) so the large values cancel first.
-    The earlier l + (log u - log pi - M) rounded the 1e4-sized sum and lost ~3e-5 of TV."""
-    g = torch.Generator().manual_seed(7 + t)
-    B, K, N = 2, 50, 64
-    sched = replace_heavy_schedule(K, 10)
-    x = torch.randn(B, K, N, generator=g, dtype=torch.float64) * 3 + 1e4
-    u = torch.randn(B, K, N, generator=g, dtype=torch.float64) * 3 + 1e4 if guided else None
-    x_t = torch.randint(0, K + 1, (B, N), generator=g)
-    tt = torch.full((B,), t)
-    kw = dict(guidance_scale=2.0, log_p_x0_uncond=u.float()) if guided else {}
-    got = posterior_log_probs(x.float(), x_t, tt, sched, logits=True, **kw)
-    want = ref.posterior_log_probs(x.float().double(), x_t, sched.coefs(tt, B, "cpu").double(),
-                                   log_p_uncond=None if u is None else u.float().double(),
-                                   guidance_scale=2.0 if guided else None)
+    x, x_t, tt, sched, kw, want = large_logit_case(t, guided)
+    got = posterior_log_probs(x, x_t, tt, sched, logits=True, **kw)
     assert _tv(got.exp(), want.exp()) < 3e-6
 
 

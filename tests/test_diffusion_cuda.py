@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cuda_targets import full_sizes_too, sized_cases, skip_slow_unless_requested, target  # noqa: F401
-from diffusion_helpers import chi_square_pvalue, replace_heavy_schedule, truncate_keeping_ties
+from diffusion_helpers import (chi_square_pvalue, large_logit_case, replace_heavy_schedule,
+                               truncate_keeping_ties)
 from imgtx_fast.diffusion import (MaskAndReplaceSchedule, posterior_log_probs, posterior_sample,
                                   q_sample, vb_terms)
 from imgtx_fast.diffusion.sampling import philox_seed
@@ -249,20 +250,8 @@ def test_philox_seed_from_device_generator_is_reproducible(target):
 @pytest.mark.parametrize("guided", [False, True], ids=["plain", "guided"])
 @pytest.mark.parametrize("t", [0, 4])
 def test_log_probs_keep_fp32_accuracy_at_large_logits(target, t, guided):
-    """Raw logits around 1e4: the t = 0 log-space output forms (l - M) + (log u - log pi), so the
-    large values cancel first (l + (log u - log pi - M) lost ~2.4e-4 of TV here)."""
-    g = torch.Generator().manual_seed(7 + t)
-    B, K, N = 2, 50, 64
-    sched = replace_heavy_schedule(K, 10)
-    x = torch.randn(B, K, N, generator=g, dtype=torch.float64) * 3 + 1e4
-    u = torch.randn(B, K, N, generator=g, dtype=torch.float64) * 3 + 1e4 if guided else None
-    x_t = torch.randint(0, K + 1, (B, N), generator=g)
-    tt = torch.full((B,), t)
-    kw = dict(guidance_scale=2.0, log_p_x0_uncond=u.float()) if guided else {}
+    x, x_t, tt, sched, kw, want = large_logit_case(t, guided)
     with target.kernels():
-        got = posterior_log_probs(target.to(x.float()), target.to(x_t), target.to(tt), sched,
+        got = posterior_log_probs(target.to(x), target.to(x_t), target.to(tt), sched,
                                   logits=True, **target.to_kw(kw))
-    want = ref.posterior_log_probs(x.float().double(), x_t, sched.coefs(tt, B, "cpu").double(),
-                                   log_p_uncond=None if u is None else u.float().double(),
-                                   guidance_scale=2.0 if guided else None)
     assert _tv(got.cpu().exp(), want.exp()) < 3e-6

@@ -134,6 +134,17 @@ __device__ __forceinline__ int64_t z_offset(const CodebookLookupParams& p, int64
   return (n / p.rows) * p.z_stride_batch + (n % p.rows) * p.z_stride_row;
 }
 
+// Both score passes: the element offset of each of the block's kBM rows of z (-1 past N), then
+// a barrier.
+__device__ __forceinline__ void fill_row_offsets(const CodebookLookupParams& p, const Work& w,
+                                                 int64_t row0, int64_t* row_off) {
+  for (int i = threadIdx.x; i < kBM; i += kThreads) {
+    const int64_t n = row0 + i;
+    row_off[i] = n < w.N ? z_offset(p, n) : -1;
+  }
+  __syncthreads();
+}
+
 // ---- 1. pack -----------------------------------------------------------------------------
 // One thread per code: the fp64 norm is summed in common/fp64_sum.h's order, like the CPU's.
 template <class LC>
@@ -195,11 +206,7 @@ __global__ __launch_bounds__(kThreads, 2) void score_kernel(CodebookLookupParams
   const int64_t row0 = int64_t(blockIdx.x) * kBM;
   const int t_begin = blockIdx.y * w.tiles_per_split;
   const int t_end = min(t_begin + w.tiles_per_split, w.tiles);
-  for (int i = tid; i < kBM; i += kThreads) {
-    const int64_t n = row0 + i;
-    row_off[i] = n < w.N ? z_offset(p, n) : -1;
-  }
-  __syncthreads();
+  fill_row_offsets(p, w, row0, row_off);
 
   // Staging map: consecutive threads walk the contiguous axis of z (coalesced loads).
   float zr[kZPerThread];
@@ -327,11 +334,7 @@ __global__ __launch_bounds__(kThreads, 2) void score_tc_kernel(CodebookLookupPar
   const int64_t row0 = int64_t(blockIdx.x) * kBM;
   const int t_begin = blockIdx.y * w.tiles_per_split;
   const int t_end = min(t_begin + w.tiles_per_split, w.tiles);
-  for (int i = tid; i < kBM; i += kThreads) {
-    const int64_t n = row0 + i;
-    row_off[i] = n < w.N ? z_offset(p, n) : -1;
-  }
-  __syncthreads();
+  fill_row_offsets(p, w, row0, row_off);
 
   // Staging: z through registers (converted from its dtype, split when stored); the codes'
   // high plane (split when stored) by the first half of the block, the low plane by the second.

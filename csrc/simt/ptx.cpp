@@ -29,6 +29,21 @@ double half_value(uint32_t reg, int hi, MmaType type) {
   return type == MmaType::kBF16 ? double(bf16_bits_to_f32(b)) : double(f16_bits_to_f32(b));
 }
 
+// D = C + A B (K = 16 or 8) into each lane's c0..c3 (the C/D fragment), rounded once.
+template <int K>
+void write_d(LaneIO* const* lanes, const double (*A)[K], const double (*B)[8], const double (*C)[8]) {
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int i = 0; i < 4; ++i) {
+      const int m = g + 8 * (i / 2), n = 2 * t + (i % 2);
+      double acc = C[m][n];
+      for (int k = 0; k < K; ++k) acc += A[m][k] * B[k][n];
+      lanes[l]->out[i] = f32_bits(float(acc));
+    }
+  }
+  ++counters().mma;
+}
+
 void mma_k16(LaneIO* const* lanes, unsigned, const char* kind) {
   const MmaType type = std::strstr(kind, "bf16") ? MmaType::kBF16 : MmaType::kF16;
   double A[16][16], B[16][8], C[16][8];
@@ -41,16 +56,7 @@ void mma_k16(LaneIO* const* lanes, unsigned, const char* kind) {
       B[2 * t + (i % 2) + 8 * (i / 2)][g] = half_value(uint32_t(io.in[4 + i / 2]), i % 2, type);
     for (int i = 0; i < 4; ++i) C[g + 8 * (i / 2)][2 * t + (i % 2)] = double(bits_f32(uint32_t(io.in[6 + i])));
   }
-  for (int l = 0; l < 32; ++l) {
-    const int g = l / 4, t = l % 4;
-    for (int i = 0; i < 4; ++i) {
-      const int m = g + 8 * (i / 2), n = 2 * t + (i % 2);
-      double acc = C[m][n];
-      for (int k = 0; k < 16; ++k) acc += A[m][k] * B[k][n];
-      lanes[l]->out[i] = f32_bits(float(acc));
-    }
-  }
-  ++counters().mma;
+  write_d<16>(lanes, A, B, C);
 }
 
 void mma_k8_tf32(LaneIO* const* lanes, unsigned, const char*) {
@@ -63,16 +69,7 @@ void mma_k8_tf32(LaneIO* const* lanes, unsigned, const char*) {
     for (int i = 0; i < 2; ++i) B[t + 4 * i][g] = tf32(io.in[4 + i]);
     for (int i = 0; i < 4; ++i) C[g + 8 * (i / 2)][2 * t + (i % 2)] = double(bits_f32(uint32_t(io.in[6 + i])));
   }
-  for (int l = 0; l < 32; ++l) {
-    const int g = l / 4, t = l % 4;
-    for (int i = 0; i < 4; ++i) {
-      const int m = g + 8 * (i / 2), n = 2 * t + (i % 2);
-      double acc = C[m][n];
-      for (int k = 0; k < 8; ++k) acc += A[m][k] * B[k][n];
-      lanes[l]->out[i] = f32_bits(float(acc));
-    }
-  }
-  ++counters().mma;
+  write_d<8>(lanes, A, B, C);
 }
 
 void ldmatrix(LaneIO* const* lanes, unsigned, const char* kind) {
