@@ -62,11 +62,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const BwdArgs a) {
   __syncthreads();
 
   const bool aligned = a.aligned != 0;
-  load_tile<D>(sQ, kBM, a.q.data, [&](int r) {
-    return r < R ? b * a.q.sb + h * a.q.sh + int64_t(sRowI[r]) * a.q.sr : int64_t(-1);
-  }, aligned);
-  load_tile<D>(sDO, kBM, a.dout.data, [&](int r) {
-    return r < R ? b * a.dout.sb + h * a.dout.sh + int64_t(sRowI[r]) * a.dout.sr : int64_t(-1);
+  load_tile_pair<D>(sQ, a.q.data, sDO, a.dout.data, kBM, [&](int r, int64_t& oq, int64_t& odo) {
+    const int64_t i = r < R ? sRowI[r] : 0;
+    oq = b * a.q.sb + h * a.q.sh + i * a.q.sr;
+    odo = b * a.dout.sb + h * a.dout.sh + i * a.dout.sr;
+    return r < R;
   }, aligned);
   cp_async_commit();
 

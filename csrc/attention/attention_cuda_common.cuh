@@ -197,9 +197,11 @@ __device__ __forceinline__ void load_chunk(void* dst, const void* base, int64_t 
   *static_cast<uint4*>(dst) = v;
 }
 
-// Copies rows into a [rows][D + 8] shared tile, 8 elements per chunk: row r comes from
+// Copies rows into [rows][D + 8] shared tiles, 8 elements per chunk: row r of `dst` comes from
 // element offset row_offset(r) of `data`, or is zeros when that is negative (padding rows).
-// Threads split the chunks; cp.async when `aligned` (the caller commits the group).
+// load_tile_pair fills two tiles in one loop (K and V, Q and dO): their chunk offsets are
+// computed once, which keeps the backward's register count where it was before the loaders
+// were shared. Threads split the chunks; cp.async when `aligned` (the caller commits).
 template <int D, class T, class RowOffset>
 __device__ __forceinline__ void load_tile(T* dst, int rows, const void* data, RowOffset row_offset,
                                           bool aligned) {
@@ -209,14 +211,29 @@ __device__ __forceinline__ void load_tile(T* dst, int rows, const void* data, Ro
     load_chunk(dst + r * (D + 8) + c * 8, data, off < 0 ? 0 : off + c * 8, off >= 0, aligned);
   }
 }
+template <int D, class T, class RowOffsets>
+__device__ __forceinline__ void load_tile_pair(T* dst_a, const void* a, T* dst_b, const void* b,
+                                               int rows, RowOffsets row_offsets, bool aligned) {
+  for (int e = threadIdx.x; e < rows * (D / 8); e += kThreads) {
+    const int r = e / (D / 8), c = e % (D / 8);
+    int64_t off_a, off_b;
+    const bool valid = row_offsets(r, off_a, off_b);
+    load_chunk(dst_a + r * (D + 8) + c * 8, a, valid ? off_a + c * 8 : 0, valid, aligned);
+    load_chunk(dst_b + r * (D + 8) + c * 8, b, valid ? off_b + c * 8 : 0, valid, aligned);
+  }
+}
 
 // Issues the K and V rows of one key block (krow[r] < 0: padding) into the double buffers.
 template <int D, class T>
 __device__ __forceinline__ void load_kv_block(T* sK, T* sV, const int* krow, const TensorArgs& k,
                                               const TensorArgs& v, int64_t kbase, int64_t vbase,
                                               bool aligned) {
-  load_tile<D>(sK, kBN, k.data, [&](int r) { return krow[r] < 0 ? int64_t(-1) : kbase + int64_t(krow[r]) * k.sr; }, aligned);
-  load_tile<D>(sV, kBN, v.data, [&](int r) { return krow[r] < 0 ? int64_t(-1) : vbase + int64_t(krow[r]) * v.sr; }, aligned);
+  load_tile_pair<D>(sK, k.data, sV, v.data, kBN, [&](int r, int64_t& ok, int64_t& ov) {
+    const int j = krow[r];
+    ok = kbase + int64_t(j) * k.sr;
+    ov = vbase + int64_t(j) * v.sr;
+    return j >= 0;
+  }, aligned);
 }
 
 // The query rows of a tile (R = heads x tile rows of them real): position in the sequence

@@ -38,34 +38,39 @@ cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int val
 }
 
 // Atomics: fibers switch only at synchronisation points, so a plain read-modify-write is atomic.
-float atomic_add(float* p, float v) { const float o = *p; *p = o + v; return o; }
-double atomic_add(double* p, double v) { const double o = *p; *p = o + v; return o; }
-int atomic_add(int* p, int v) { const int o = *p; *p = int(unsigned(o) + unsigned(v)); return o; }
-unsigned atomic_add(unsigned* p, unsigned v) { const unsigned o = *p; *p = o + v; return o; }
+// Each counts as a read and a write of its bytes (count_atomic, race.cpp).
+namespace {
+template <class T, class Op>
+T atomic_rmw(T* p, Op op) {
+  count_atomic(p, sizeof(T));
+  const T old = *p;
+  *p = op(old);
+  return old;
+}
+}  // namespace
+
+float atomic_add(float* p, float v) { return atomic_rmw(p, [&](float o) { return o + v; }); }
+double atomic_add(double* p, double v) { return atomic_rmw(p, [&](double o) { return o + v; }); }
+int atomic_add(int* p, int v) {
+  return atomic_rmw(p, [&](int o) { return int(unsigned(o) + unsigned(v)); });  // wraps like the GPU
+}
+unsigned atomic_add(unsigned* p, unsigned v) { return atomic_rmw(p, [&](unsigned o) { return o + v; }); }
 unsigned long long atomic_add(unsigned long long* p, unsigned long long v) {
-  const unsigned long long o = *p;
-  *p = o + v;
-  return o;
+  return atomic_rmw(p, [&](unsigned long long o) { return o + v; });
 }
-unsigned atomic_or(unsigned* p, unsigned v) { const unsigned o = *p; *p = o | v; return o; }
-int atomic_or(int* p, int v) { const int o = *p; *p = o | v; return o; }
+unsigned atomic_or(unsigned* p, unsigned v) { return atomic_rmw(p, [&](unsigned o) { return o | v; }); }
+int atomic_or(int* p, int v) { return atomic_rmw(p, [&](int o) { return o | v; }); }
 unsigned long long atomic_max(unsigned long long* p, unsigned long long v) {
-  const unsigned long long o = *p;
-  if (v > o) *p = v;
-  return o;
+  return atomic_rmw(p, [&](unsigned long long o) { return v > o ? v : o; });
 }
-int atomic_max(int* p, int v) { const int o = *p; if (v > o) *p = v; return o; }
-unsigned atomic_max(unsigned* p, unsigned v) { const unsigned o = *p; if (v > o) *p = v; return o; }
-int atomic_min(int* p, int v) { const int o = *p; if (v < o) *p = v; return o; }
+int atomic_max(int* p, int v) { return atomic_rmw(p, [&](int o) { return v > o ? v : o; }); }
+unsigned atomic_max(unsigned* p, unsigned v) { return atomic_rmw(p, [&](unsigned o) { return v > o ? v : o; }); }
+int atomic_min(int* p, int v) { return atomic_rmw(p, [&](int o) { return v < o ? v : o; }); }
 unsigned atomic_cas(unsigned* p, unsigned cmp, unsigned v) {
-  const unsigned o = *p;
-  if (o == cmp) *p = v;
-  return o;
+  return atomic_rmw(p, [&](unsigned o) { return o == cmp ? v : o; });
 }
 unsigned long long atomic_cas(unsigned long long* p, unsigned long long cmp, unsigned long long v) {
-  const unsigned long long o = *p;
-  if (o == cmp) *p = v;
-  return o;
+  return atomic_rmw(p, [&](unsigned long long o) { return o == cmp ? v : o; });
 }
 
 }  // namespace simt

@@ -106,6 +106,7 @@ void fiber_enter_scheduler_info();
 void race_begin_launch(Emu& e);
 void race_end_launch();
 void race_check(Emu& e, uintptr_t addr, size_t n, bool write, int tid, const char* what);
+void count_atomic(const void* p, size_t n);
 
 // Describes the current thread ("kernel K, block B, thread T") for messages.
 std::string where_now();

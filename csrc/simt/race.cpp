@@ -141,6 +141,21 @@ static inline void on_access(uintptr_t addr, size_t n, bool write) {
   else counters().global_bytes_loaded += n;
 }
 
+// Atomics run in the (uninstrumented) runtime: each is a read and a write of n bytes, counted as
+// global or shared traffic like the kernels' own accesses.
+void count_atomic(const void* p, size_t n) {
+  if (!t_active) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  Counters& c = counters();
+  if (a >= t_lo && a < t_hi) {
+    c.shared_bytes_loaded += n;
+    c.shared_bytes_stored += n;
+  } else {
+    c.global_bytes_loaded += n;
+    c.global_bytes_stored += n;
+  }
+}
+
 }  // namespace simt
 
 #if defined(SIMT_ACCESS_HOOKS)
