@@ -29,7 +29,6 @@ struct Thread {
   LaneIO io{};
   std::vector<AsyncCopy> uncommitted;
   std::vector<std::vector<AsyncCopy>> groups;  // committed, oldest first
-  bool started = false;
 };
 
 struct PendingCollective {
@@ -82,8 +81,6 @@ struct Emu {
   // fiber stacks: one region, kMaxThreads slots
   char* stacks = nullptr;
   size_t stack_slot = 0;
-  // the smem opt-in the launch was allowed
-  size_t smem_limit = 0;
   BodyFn body = nullptr;
   void* closure = nullptr;
   uint32_t next_gen = 0;

@@ -333,9 +333,6 @@ std::string where_now() {
 
 void fail(const std::string& what) { throw KernelError(where_now() + ": " + what); }
 
-int lane_id() { return emu().cur->tid % 32; }
-int warp_id() { return emu().cur->tid / 32; }
-int linear_tid() { return emu().cur->tid; }
 LaneIO& lane_io() { return emu().cur->io; }
 
 int barrier(BarrierOp op, int pred, Site site) {

@@ -67,9 +67,6 @@ typedef void (*CollectiveFn)(LaneIO* const* lanes /* [32], null where not in mas
                              const char* kind);
 LaneIO& lane_io();
 void warp_collective(const char* kind, unsigned mask, CollectiveFn fn, Site site);
-// A lane's index in its warp and the warp's index in the block.
-int lane_id();
-int warp_id();
 
 // ---- shared memory -------------------------------------------------------------------------
 // A static __shared__ declaration: allocated once per block at its exact size, poisoned.
@@ -87,7 +84,6 @@ bool in_shared(const void* p, size_t n);
 // An access to shared memory made by the emulator on behalf of thread `tid` (linear index in
 // the block): ldmatrix rows, cp.async landings. Checked by the race detector.
 void shared_access(const void* p, size_t n, bool write, int tid, const char* what);
-int linear_tid();
 
 // ---- errors and the launch -----------------------------------------------------------------
 [[noreturn]] void fail(const std::string& what);  // from inside a kernel: aborts the launch

@@ -180,7 +180,6 @@ inline typename std::common_type<A, B>::type max(A a, B b) {
   return C(a) < C(b) ? C(b) : C(a);
 }
 
-inline size_t __cvta_generic_to_shared(const void* p) { return size_t(reinterpret_cast<uintptr_t>(p)); }
 
 // ---- shared memory declarations and launches (used through csrc/common/cuda_kernel.cuh) -----
 namespace simt {
