@@ -3,7 +3,7 @@ kernels) against the very same weights on the "reference" backend (plain-PyTorch
 op), in the same run, interleaved round-robin.
 
   model   config                                                    sampling             train step
-  demo    the demo's network (imgtx_fast.demo.DemoConfig): K=128     batch 16, 100 steps  batch 64
+  demo    the demo's network (imgtx_fast.demos.vq_diffusion): K=128     batch 16, 100 steps  batch 64
           codes, 4x4 tokens, dim 96, depth 4, heads 4, class labels
   ithq    ITHQ-shaped, random weights: K=4096 codes, 32x32 tokens,   batch 16, 100 steps  batch 4
           dim 512, heads 16, depth 2 (ITHQ: 36), text condition of
@@ -51,9 +51,9 @@ STEPS = 100                      # the issue's sampling length
 
 
 def demo_config() -> VQDiffusionConfig:
-    """The demo's diffusion network (imgtx_fast.demo), or the same sizes written out."""
+    """The demo's diffusion network (imgtx_fast.demos.vq_diffusion), or the same sizes written out."""
     try:
-        from imgtx_fast.demo import DemoConfig
+        from imgtx_fast.demos.vq_diffusion import DemoConfig
         return DemoConfig().diffusion_config(10)
     except ImportError:  # pragma: no cover - the demo module is optional here
         return VQDiffusionConfig(num_codes=128, height=4, width=4, dim=96, depth=4, heads=4,

@@ -4,7 +4,7 @@ backend (plain-PyTorch attention that materialises the scores and the padding ma
 same run, interleaved round-robin.
 
   model        config                                                  sampling              train step
-  imagen-demo  the demo's base stage (imgtx_fast.demo_imagen): 8x8     batch 8, 64 steps,    batch 64
+  imagen-demo  the demo's base stage (imgtx_fast.demos.imagen): 8x8     batch 8, 64 steps,    batch 64
                pixels, patch 1 (64 tokens), dim 64, depth 3, heads 4,  CFG 3
                text 8 tokens of width 64 (padded prompts)
   imagen       Imagen-shaped, random weights: 32x32x3 pixels, patch 1  batch 8, 64 steps,    batch 8
@@ -45,9 +45,9 @@ GUIDANCE = 3.0
 
 
 def demo_config() -> ImagenConfig:
-    """The demo's base stage (imgtx_fast.demo_imagen), or the same sizes written out."""
+    """The demo's base stage (imgtx_fast.demos.imagen), or the same sizes written out."""
     try:
-        from imgtx_fast.demo_imagen import ImagenDemoConfig
+        from imgtx_fast.demos.imagen import ImagenDemoConfig
         return ImagenDemoConfig().base_config()
     except ImportError:  # pragma: no cover - the demo module is optional here
         return ImagenConfig(image_size=8, patch_size=1, dim=64, depth=3, heads=4, text_dim=64, prediction="v")

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from imgtx_fast import demo
+from imgtx_fast.demos import vq_diffusion as demo
 from imgtx_fast import distributed as D
 from imgtx_fast.models.vq_diffusion import VQDiffusionTransformer
 

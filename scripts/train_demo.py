@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from imgtx_fast import demo
+from imgtx_fast.demos import vq_diffusion as demo
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ Same seed, machine and thread count -> the same checkpoint.
 import argparse
 import sys
 
-from imgtx_fast import demo_image_transformer as demo
+from imgtx_fast.demos import image_transformer as demo
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from imgtx_fast import demo_imagen as demo
+from imgtx_fast.demos import imagen as demo
 
 
 def main(argv=None) -> int:

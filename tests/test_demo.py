@@ -1,4 +1,4 @@
-"""The end-to-end demo (imgtx_fast.demo, `python -m imgtx_fast demo`): the whole pipeline with
+"""The end-to-end demo (imgtx_fast.demos.vq_diffusion, `imgtx-fast demo`): the whole pipeline with
 tiny models and a handful of steps (not the quality target: scripts/train_demo.py measures
 that), the PNG grid, the report's fields, checkpoints, and `--data` with an image folder."""
 import argparse
@@ -12,7 +12,9 @@ pytest.importorskip("sklearn")
 pytest.importorskip("PIL")
 
 from imgtx_fast import __main__ as cli  # noqa: E402
-from imgtx_fast import demo  # noqa: E402
+from imgtx_fast import demos  # noqa: E402
+from imgtx_fast.demos import common, kernels  # noqa: E402
+from imgtx_fast.demos import vq_diffusion as demo  # noqa: E402
 
 TINY = demo.DemoConfig(image_size=16, vq_channels=8, vq_embed_dim=8, vq_num_codes=16, vq_steps=4,
                        vq_batch=16, dim=32, depth=1, heads=2, mlp_ratio=2.0, num_timesteps=10,
@@ -49,10 +51,10 @@ def test_demo_train_end_to_end_through_the_cli(tmp_path, capsys, tiny_default):
     for name in TABLE_FIELDS:
         assert name in text, name
     # the grid: 10 classes as rows, 2 samples per class, 16x16 images at scale 4, 2 px gaps
-    w, h = demo.grid_size(10, 2, 16)
+    w, h = common.grid_size(10, 2, 16)
     assert (w, h) == (2 + 2 * (64 + 2), 2 + 10 * (64 + 2))
     _check_png(out / "samples.png", (w, h))
-    _check_png(out / "reconstructions.png", demo.grid_size(2, 4, 16))  # 2 * per_class per row
+    _check_png(out / "reconstructions.png", common.grid_size(2, 4, 16))  # 2 * per_class per row
     # --train saves the models next to the grids, and the demo can load them back
     ckpt = out / "demo.pt"
     assert ckpt.is_file()
@@ -65,7 +67,7 @@ def test_demo_train_end_to_end_through_the_cli(tmp_path, capsys, tiny_default):
 
 
 def test_report_values_are_sane(tmp_path):
-    xtr, ytr, xte, yte, classes, _ = demo.load_data(None, 16)
+    xtr, ytr, xte, yte, classes, _ = common.load_data(None, 16)
     models = demo.train_models(TINY, xtr[:64], ytr[:64], classes, progress=False, log=lambda *a: None)
     res = demo.evaluate(models, xte[:40], yte[:40], out=str(tmp_path), per_class=1, eval_per_class=2,
                         num_steps=2, timing_batch=3, progress=False)
@@ -84,7 +86,7 @@ def test_report_values_are_sane(tmp_path):
 
 @pytest.mark.parametrize("half", [False, True])
 def test_checkpoint_round_trip(tmp_path, half):
-    xtr, ytr, _, _, classes, _ = demo.load_data(None, 16)
+    xtr, ytr, _, _, classes, _ = common.load_data(None, 16)
     models = demo.train_models(TINY, xtr[:64], ytr[:64], classes, progress=False, log=lambda *a: None)
     models.info["note"] = "x"
     path = str(tmp_path / "m.pt")
@@ -131,7 +133,7 @@ def test_data_folder(tmp_path, capsys, tiny_default):
     assert cli.main(["demo", "--data", str(data), "--image-size", "8", "--out", str(out), *FAST_ARGS]) == 0
     text = capsys.readouterr().out
     assert "3 classes" in text and "12 train / 3 test" in text
-    _check_png(out / "samples.png", demo.grid_size(3, 2, 8))
+    _check_png(out / "samples.png", common.grid_size(3, 2, 8))
     back = demo.load_checkpoint(str(out / "demo.pt"))
     assert back.classes == ["circle", "dark", "stripes"]
     assert back.diffusion.config.height == back.diffusion.config.width == 2  # 8x8 -> 2x2 tokens
@@ -142,12 +144,12 @@ def test_save_grid_layout(tmp_path):
 
     images = torch.linspace(-1, 1, 6).view(6, 1, 1, 1).expand(6, 1, 4, 4)
     path = str(tmp_path / "g.png")
-    assert demo.save_grid(images, 2, path, scale=3, pad=1) == (1 + 3 * 13, 1 + 2 * 13)
+    assert common.save_grid(images, 2, path, scale=3, pad=1) == (1 + 3 * 13, 1 + 2 * 13)
     with Image.open(path) as im:
         assert im.getpixel((1, 1)) == 0 and im.getpixel((1 + 2 * 13, 1 + 13)) == 255
         assert im.getpixel((0, 0)) == 128
     with pytest.raises(ValueError, match="do not fill"):
-        demo.save_grid(images[:5], 2, path)
+        common.save_grid(images[:5], 2, path)
 
 
 def test_missing_checkpoint_falls_back_to_training(tmp_path, capsys, tiny_default):
@@ -159,15 +161,35 @@ def test_missing_checkpoint_falls_back_to_training(tmp_path, capsys, tiny_defaul
     assert (tmp_path / "none.pt").is_file()
 
 
-def test_kernel_demos_stay_reachable():
+def test_kernel_demos_run(capsys, monkeypatch):
+    """`demo --kernels` reaches each kernel demo; each runs (at small sizes) and prints its line."""
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
     assert parser.parse_args([]).out == "imgtx_fast_demo"
-    assert callable(cli.demo) and callable(cli.demo_diffusion) and callable(cli.demo_attention)
+    kernels.codebook(n=64, k=32, d=8)
+    kernels.diffusion_step(b=1, k=16, n=8)
+    kernels.local_attention(b=1, h=2, n=64, d=16)
+    out = capsys.readouterr().out
+    for line in ("VQ codebook lookup", "VQ-Diffusion reverse step", "causal dense"):
+        assert line in out
+    called = []
+    for name in ("codebook", "diffusion_step", "local_attention"):
+        monkeypatch.setattr(kernels, name, lambda name=name: called.append(name))
+    assert cli.main(["demo", "--kernels"]) == 0
+    assert called == ["codebook", "diffusion_step", "local_attention"]
+
+
+def test_demo_models_are_modules_of_the_package():
+    import importlib
+
+    for name, module in demos.MODELS.items():
+        mod = importlib.import_module(f"imgtx_fast.demos.{module}")
+        assert callable(mod.add_arguments) and callable(mod.run) and callable(mod.main), name
+        assert os.path.isfile(mod.default_checkpoint()), name
 
 
 def test_training_is_reproducible():
-    xtr, ytr, _, _, classes, _ = demo.load_data(None, 16)
+    xtr, ytr, _, _, classes, _ = common.load_data(None, 16)
     a, b = (demo.train_models(TINY, xtr[:64], ytr[:64], classes, progress=False, log=lambda *a: None)
             for _ in range(2))
     for ma, mb in ((a.vqvae, b.vqvae), (a.diffusion, b.diffusion), (a.classifier, b.classifier)):

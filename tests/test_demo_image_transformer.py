@@ -9,7 +9,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("PIL")
 
 from imgtx_fast import __main__ as cli  # noqa: E402
-from imgtx_fast import demo_image_transformer as itdemo  # noqa: E402
+from imgtx_fast.demos import image_transformer as itdemo  # noqa: E402
 from imgtx_fast.models.image_transformer import ImageTransformerConfig  # noqa: E402
 
 TINY = ImageTransformerConfig(height=16, width=16, channels=1, num_classes=10, attention="local2d",

@@ -500,7 +500,7 @@ def test_demo_train_save_and_main(tmp_path, capsys):
     pytest.importorskip("PIL")
     import argparse
 
-    from imgtx_fast import demo_imagen
+    from imgtx_fast.demos import imagen as demo_imagen
 
     tiny = demo_imagen.ImagenDemoConfig(text_dim=16, text_layers=1, text_heads=2, num_timesteps=50, base_dim=16,
                                         base_depth=1, base_heads=2, base_steps=3, base_batch=8, sr_dim=16,
@@ -528,7 +528,7 @@ def test_demo_train_save_and_main(tmp_path, capsys):
 
 
 def test_shipped_demo_checkpoint_loads():
-    from imgtx_fast import demo_imagen
+    from imgtx_fast.demos import imagen as demo_imagen
     import os
 
     path = demo_imagen.default_checkpoint()

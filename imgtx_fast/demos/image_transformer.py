@@ -22,10 +22,11 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .demo import format_table, load_checkpoint, save_grid
-from .demo import default_checkpoint as vq_demo_checkpoint
-from .models.image_transformer import ImageTransformer, ImageTransformerConfig
-from .training import fit
+from ..models.image_transformer import ImageTransformer, ImageTransformerConfig
+from ..training import fit
+from .common import format_table, save_grid, shipped_checkpoint
+from .vq_diffusion import default_checkpoint as vq_demo_checkpoint
+from .vq_diffusion import load_checkpoint
 
 __all__ = ["default_config", "default_checkpoint", "to_intensities", "train", "evaluate", "run", "main"]
 
@@ -35,7 +36,7 @@ CHECKPOINT_NAME = "image_transformer_demo.pt"
 
 def default_checkpoint() -> str:
     """The checkpoint shipped in the package (written by scripts/train_image_transformer_demo.py)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", CHECKPOINT_NAME)
+    return shipped_checkpoint(CHECKPOINT_NAME)
 
 
 def default_config() -> ImageTransformerConfig:
@@ -186,7 +187,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args, log=print) -> Dict[str, object]:
-    from . import datasets
+    from .. import datasets
 
     if args.threads:
         torch.set_num_threads(args.threads)

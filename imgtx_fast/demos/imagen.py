@@ -7,7 +7,7 @@ Four models make up the checkpoint: a frozen tiny random T5 encoder (transformer
 with a word-level tokenizer over the prompt templates: no sentencepiece files are needed
 offline), the base denoiser (8x8 digits, conditioned on prompts such as "a digit seven"), the
 2x super-resolution denoiser (8x8 -> 16x16, conditioned on the noise-augmented upsampled base
-output and the same prompt) and the demo's CNN classifier (imgtx_fast.demo.Classifier, trained
+output and the same prompt) and the demo's CNN classifier (imgtx_fast.demos.common.Classifier, trained
 on the real 16x16 digits), which turns quality into a number: the fraction of the cascade's
 samples for "a digit <d>" that it labels d.
 
@@ -24,11 +24,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .demo import Classifier, format_table, load_data, save_grid, train_classifier
-from .models._common import half_state, load_state
-from .models.imagen import ImagenConfig, ImagenDenoiser, ImagenPipeline
-from .models.text_encoder import TextEncoder, WordTokenizer
-from .training import fit
+from ..models._common import half_state, load_state
+from ..models.imagen import ImagenConfig, ImagenDenoiser, ImagenPipeline
+from ..models.text_encoder import TextEncoder, WordTokenizer
+from ..training import fit
+from .common import Classifier, format_table, load_data, save_grid, shipped_checkpoint, train_classifier
 
 __all__ = ["ImagenDemoConfig", "ImagenDemoModels", "DIGIT_WORDS", "TEMPLATES", "prompt", "train_denoiser",
            "train_models", "save_checkpoint", "load_checkpoint", "default_checkpoint", "evaluate",
@@ -46,7 +46,7 @@ def prompt(label: int, template: int = 0) -> str:
 
 def default_checkpoint() -> str:
     """The checkpoint shipped in the package (written by scripts/train_imagen_demo.py)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", CHECKPOINT_NAME)
+    return shipped_checkpoint(CHECKPOINT_NAME)
 
 
 @dataclass
@@ -150,7 +150,7 @@ def train_denoiser(model: ImagenDenoiser, images: Tensor, labels: Tensor, text_t
 
 def _digits(cfg: ImagenDemoConfig):
     """(low-res train images, high-res train images, labels, high-res test images, test labels)."""
-    from . import datasets
+    from .. import datasets
 
     lo, y = datasets.digits(cfg.low_size, "train", seed=0)
     hi, y2 = datasets.digits(cfg.high_size, "train", seed=0)
