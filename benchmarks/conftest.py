@@ -230,8 +230,8 @@ def _write_attention(tr, results, settings):
                       "(4*pairs*D per forward, fwd+bwd = 3.5x)")
     else:
         tr.write_line(f"smoke (--benchmark-disable): tiny shapes, each implementation called once, "
-                      f"threads={settings.threads}; numbers are not meaningful and bars are not judged")
-    header = ["case", "shape", "ours ms", "ours GF/s", "peer", "peer ms", "peer GF/s", "ratio", "bar", ""]
+                      f"threads={settings.threads}; numbers are not meaningful and targets are not judged")
+    header = ["case", "shape", "ours ms", "ours GF/s", "peer", "peer ms", "peer GF/s", "ratio", "target", ""]
     rows = []
     for r in results.attention.values():
         peers = [p for p in r["ms"] if p != "imgtx_fast"] or ["-"]
@@ -257,7 +257,7 @@ def _write_attention(tr, results, settings):
             judged = [(r["label"], p, r["ratios"][p], b) for r in results.attention.values()
                       for p, b in r["bars"].items() if p in r["ratios"]]
             missed = [f"{label} vs {p} {ratio:.2f}x < {b:g}x" for label, p, ratio, b in judged if ratio < b]
-            tr.write_line(f"bars met: {len(judged) - len(missed)}/{len(judged)}"
+            tr.write_line(f"targets met: {len(judged) - len(missed)}/{len(judged)}"
                           + (f"; missed: {'; '.join(missed)}" if missed else "")
                           + f"; timed rounds per implementation: {', '.join(map(str, rounds))}")
     c = results.attention_ceiling
@@ -294,7 +294,7 @@ def _write_end_to_end(tr, results, settings):
                       "and the reference backend, timed round-robin in one run; ratio = reference / fast")
     else:
         tr.write_line(f"smoke (--benchmark-disable): tiny configs, each call once, threads={settings.threads}; "
-                      "numbers are not meaningful and bars are not judged")
+                      "numbers are not meaningful and targets are not judged")
 
     def verdict(ok):
         return "-" if not settings.timing else "met" if ok else "MISSED"
@@ -309,7 +309,7 @@ def _write_end_to_end(tr, results, settings):
             v = verdict(r["ratio"] >= r["bar"])
             tr.write_line(f"sampling {name:<5} {r['shape']}, {r['what']}, {r['steps']} steps{how}: "
                           f"fast {s['fast']:.2f} s, reference {s['reference']:.2f} s, {r['ratio']:.2f}x "
-                          f"(bar >={r['bar']:g}x {v}; rounds {r['rounds']})")
+                          f"(target >={r['bar']:g}x {v}; rounds {r['rounds']})")
             judged += 1
             if v == "MISSED":
                 missed.append(f"sampling {name} {r['ratio']:.2f}x")
@@ -318,7 +318,7 @@ def _write_end_to_end(tr, results, settings):
                 v = verdict(r["ratio"] >= r["bar"])
                 tr.write_line(f"train    {name:<5} {r['shape']}, batch {r['batch']}, fwd+bwd: fast "
                               f"{r['ms']['fast']:.1f} ms, reference {r['ms']['reference']:.1f} ms, "
-                              f"{r['ratio']:.2f}x (bar >={r['bar']:g}x {v}; rounds {r['rounds']})")
+                              f"{r['ratio']:.2f}x (target >={r['bar']:g}x {v}; rounds {r['rounds']})")
                 judged += 1
                 if v == "MISSED":
                     missed.append(f"train {name} {r['ratio']:.2f}x")
@@ -328,12 +328,12 @@ def _write_end_to_end(tr, results, settings):
                 note = "" if r["hwm_reset"] else " (VmHWM not resettable: lower bound)"
                 tr.write_line(f"memory   {name:<5} peak extra RSS of one training step (batch {r['mem_batch']}, "
                               f"fresh process each): fast {p['fast']:.1f} MiB, reference "
-                              f"{p['reference']:.1f} MiB (bar fast < reference {v}){note}")
+                              f"{p['reference']:.1f} MiB (target fast < reference {v}){note}")
                 judged += 1
                 if v == "MISSED":
                     missed.append(f"memory {name}")
     if settings.timing:
-        tr.write_line(f"bars met: {judged - len(missed)}/{judged}"
+        tr.write_line(f"targets met: {judged - len(missed)}/{judged}"
                       + (f"; missed: {'; '.join(missed)}" if missed else ""))
 
 
@@ -343,7 +343,7 @@ def _write_models(tr, results, settings):
     tr.write_sep("-", "imgtx_fast model benchmarks summary")
     tr.write_line(f"CPU fp32, threads={settings.threads}, mode={settings.mode}; same weights on the fast and "
                   "the reference backend, timed round-robin in one run; ratio = peer / fast"
-                  + ("" if settings.timing else "; smoke: numbers not meaningful, bars not judged"))
+                  + ("" if settings.timing else "; smoke: numbers not meaningful, targets not judged"))
     judged, missed = 0, []
     for (model, case, peer), r in sorted(results.models.items()):
         bar = r.get("bar")
@@ -359,7 +359,7 @@ def _write_models(tr, results, settings):
         tr.write_line(f"{model:<24} {case:<11} {r['shape']}: fast {_fmt_s(r['fast_s'])}, {peer} "
                       f"{_fmt_s(r['peer_s'])}, {r['ratio']:.2f}x{verdict}{note}")
     if settings.timing and judged:
-        tr.write_line(f"bars met: {judged - len(missed)}/{judged}" + (f"; missed: {'; '.join(missed)}" if missed else ""))
+        tr.write_line(f"targets met: {judged - len(missed)}/{judged}" + (f"; missed: {'; '.join(missed)}" if missed else ""))
 
 
 def _fmt_s(seconds: float) -> str:

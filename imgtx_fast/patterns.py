@@ -1,4 +1,4 @@
-"""Image Transformer local attention patterns (../shared/specs/local_attention.md).
+"""Image Transformer local attention patterns (docs/specs/local_attention.md).
 
 A pattern says which keys each query may see. Positions are raster (row-major) indices. With a
 KV cache the queries are the last Nq of the Nk positions (query i sits at position

@@ -227,7 +227,7 @@ def run_backward(q, k, v, *, gen, api="attention", wrt="qkv", **kw):
 
 # ---- an independent statement of the patterns (checks the oracle itself) ------------------------
 def spec_visible(q_len, k_len, *, causal=False, pattern=None):
-    """(Nq, Nk) bool built key set by key set from ../shared/specs/local_attention.md, in plain
+    """(Nq, Nk) bool built key set by key set from docs/specs/local_attention.md, in plain
     Python: query i sits at position p = i + Nk - Nq; keys outside the sequence/image never
     count."""
     from imgtx_fast.patterns import Local1d, Local2d

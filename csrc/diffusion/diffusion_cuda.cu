@@ -1,5 +1,5 @@
 // CUDA mask-and-replace diffusion (semantics: imgtx/diffusion.h; math: mr_token_math.h and
-// ../shared/specs/mask_and_replace.md). The CPU twin is diffusion_cpu_driver.h: every branch
+// docs/specs/mask_and_replace.md). The CPU twin is diffusion_cpu_driver.h: every branch
 // and float/double choice below mirrors it, so both backends give the same values up to the
 // summation order of the float64 reductions.
 //

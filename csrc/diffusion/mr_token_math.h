@@ -1,6 +1,6 @@
 // The per-token scalar math of mask-and-replace diffusion, shared by the CPU and CUDA kernels.
 //
-// Every reverse-step posterior has one shape (spec: ../shared/specs/mask_and_replace.md):
+// Every reverse-step posterior has one shape (spec: docs/specs/mask_and_replace.md):
 //   pi_j = u_j p_j + v_j Y     (j < K)        pi_K = w Y        Y = sum_j y_j p_j
 // where p_j = exp(l_j - max l) and u, v, y take a "generic" value for every real class except
 // the special one s = x_t (when x_t is a real class). Then

@@ -10,7 +10,7 @@ Pixels are 256-way categoricals per channel. The image (B, C, H, W) is read as a
 and W*C columns -- channels interleaved in raster order, as in the paper -- so a sequence has
 N = H*W*C positions, each one intensity.
 
-Attention (../shared/specs/local_attention.md), on that grid:
+Attention (docs/specs/local_attention.md), on that grid:
 - "local1d": masked local 1D over the raster order, block length `block`.
 - "local2d": masked local 2D with query tiles `query_shape` and flanges `memory_flange`. It is
   causal in Image Transformer's generation order -- query tiles in raster order, raster order

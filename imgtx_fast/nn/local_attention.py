@@ -1,6 +1,6 @@
 """Image Transformer local attention layers (1D and 2D) with a KV cache for sampling.
 
-Why: Image Transformer attends within a local window (../shared/specs/local_attention.md), so
+Why: Image Transformer attends within a local window (docs/specs/local_attention.md), so
 each position sees a few hundred keys however large the image. These layers are the
 projections around one call of `imgtx_fast.attention(pattern=...)`, which visits only the key
 tiles of the window, never a dense (N, N) mask.

@@ -9,7 +9,7 @@ Ops (all per token, one pass over the logits, no (B, K+1, N) temporaries):
 Schedule values arrive as the (B, MR_COEFS) float64 table of MaskAndReplaceSchedule.coefs.
 Random ops take a (1,) int64 Philox seed tensor on the data's device (drawn from the caller's
 torch.Generator by the public API), so they are deterministic and graph-capturable.
-Semantics: csrc/include/imgtx/diffusion.h and ../shared/specs/mask_and_replace.md.
+Semantics: csrc/include/imgtx/diffusion.h and docs/specs/mask_and_replace.md.
 """
 from typing import Optional, Tuple
 

@@ -3,7 +3,7 @@
 One op serves dense, causal (any alignment), key-padded, masked, GQA/MQA and Image Transformer
 local 1D/2D attention: the kernel visits only the key tiles a query tile can see and masks
 boundary tiles only. The forward saves the log-sum-exp; the backward recomputes P tile by
-tile. Semantics: csrc/include/imgtx/attention.h and ../shared/specs/local_attention.md.
+tile. Semantics: csrc/include/imgtx/attention.h and docs/specs/local_attention.md.
 
 CUDA tensors run the fp32 plain-PyTorch path unless IMGTX_FAST_CUDA_ATTENTION=1 enables the
 CUDA kernels (compiled, not yet verified on a GPU; see cuda_kernels_enabled).

@@ -1,6 +1,6 @@
 """Plain-PyTorch float64 mask-and-replace diffusion: the test oracle and the "reference" backend.
 
-Written from the spec's formulas (../shared/specs/mask_and_replace.md) in probability space,
+Written from the spec's formulas (docs/specs/mask_and_replace.md) in probability space,
 independently of the kernels' (u, v, w, y) form. Memory is O(B K N): this is for checking, not
 for speed.
 """

@@ -1,7 +1,7 @@
 // C++ API of the fused attention family (flash-style, fp32 math).
 //
 // Framework-free: raw pointers, sizes, strides (in elements; the head dim is contiguous).
-// Semantics (../shared/specs/local_attention.md for the patterns):
+// Semantics (docs/specs/local_attention.md for the patterns):
 //   out[b,h,i] = sum_j softmax_j(s_ij) v[b,g,j],  s_ij = scale * q[b,h,i] . k[b,g,j] + mask_ij
 //   with g = h / (heads / kv_heads) (GQA/MQA). Only visible keys take part; a key is visible iff
 //   - j < key_lengths[b] (when key_lengths is given), and

@@ -1,6 +1,6 @@
 // C++ API of the discrete-diffusion family: VQ-Diffusion's mask-and-replace transitions.
 //
-// Math: ../shared/specs/mask_and_replace.md. K real classes, MASK = K. Every op works per token
+// Math: docs/specs/mask_and_replace.md. K real classes, MASK = K. Every op works per token
 // (O(K) work, O(1) state), so no (B, K+1, N) temporary exists anywhere.
 //
 // Framework-free: raw pointers, sizes, strides (in elements), and on CUDA a stream.
