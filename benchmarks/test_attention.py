@@ -89,7 +89,7 @@ class Case:
 
 
 def _cases(mode: str):
-    """The issue's shapes in full and quick mode; tiny ones (same structure) in smoke mode."""
+    """The target shapes in full and quick mode; tiny ones (same structure) in smoke mode."""
     if mode == "smoke":
         B, H, N, NL, D, L, img, qs = 1, 2, 128, 256, 32, 32, 16, (4, 8)
         Bx, Nx, Bd, Nd = 4, 64, 2, 512

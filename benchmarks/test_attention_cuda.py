@@ -3,7 +3,7 @@ backend, and with the dense mask for the patterns), flash-attn / xformers when i
 run. Marked `gpu`; run by scripts/device_check.sh, which prints the table. The kernels are
 opt-in until verified (IMGTX_FAST_CUDA_ATTENTION=1, set here).
 
-Bars on an H100 (issue 5): dense forward >= 0.7x SDPA's default backend; local 1D and 2D >= 4x
+Targets on an H100: dense forward >= 0.7x SDPA's default backend; local 1D and 2D >= 4x
 SDPA with the dense mask. TFLOP/s counts visible (query, key) pairs: 4 * pairs * D forward,
 3.5x that for forward + backward."""
 

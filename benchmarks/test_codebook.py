@@ -326,7 +326,7 @@ INTERLEAVED_ROUNDS = 5
 
 @pytest.mark.parametrize("K,D", BAR_CASES, ids=[f"K{k}-D{d}" for k, d in BAR_CASES])
 def test_interleaved_ratios(benchmark, bench_settings, bench_results, K, D):
-    """The issue's bars, measured round-robin: each round times ours, then every peer (each
+    """The targets, measured round-robin: each round times ours, then every peer (each
     after one untimed call of its own), so drifts of machine speed (the mm ceiling moved
     150-190 GFLOP/s between runs here) hit all implementations alike. Reports the median of
     the per-round ratios peer/ours."""

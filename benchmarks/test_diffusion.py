@@ -4,7 +4,7 @@ pipeline's per-step sequence), vs one read pass over the logits, and vb_loss vs 
 Every ratio comes from one test that times the implementations round-robin in the same
 process (interleaved), so machine noise hits them alike; medians of 7 rounds where the peer's
 call is under a second, of the session's rounds (3) otherwise. Logits are diffusers' layout: the
-model's (B, K, N) contiguous log-softmax output. Bars (issue 3): step >= 50x diffusers' step and
+model's (B, K, N) contiguous log-softmax output. Targets: step >= 50x diffusers' step and
 within 2.5x of the read pass; guidance + truncation(0.86) + step >= 200x the pipeline's
 sequence; vb_loss forward+backward >= 10x plain PyTorch; extra memory O(B N).
 """

@@ -13,7 +13,7 @@ Sampling (`model.sample(labels)`, one position per step in generation order):
 - reference, recompute: the textbook loop, the full masked forward over the image at every step
   (dense (N, N) mask); all steps cost the same, so `recompute_steps` of them are timed and the
   total is scaled to N (the table says "from k steps").
-Bars (issue 7, 32x32): fast >= 10x reference recompute, >= 3x reference + KV cache. The training
+Targets (32x32): fast >= 10x reference recompute, >= 3x reference + KV cache. The training
 step (teacher-forced loss forward + backward) has no bar; it is reported.
 
 Correctness guards (asserted): the two backends' logits and gradients agree, cached and

@@ -18,7 +18,7 @@ ancestral step with dynamic thresholding. The imagen-shaped reference takes ~10 
 2 cores, so only `timed_steps` steps are timed (sample(num_steps=timed_steps): the same network
 call and step per step on the same shapes) and the 64-step time is that per-step time x 64 (the
 summary says "x32 from 2"). One training step = training_loss (forward) + backward.
-Bars (issue 7): reference / fast >= 2x for sampling, >= 1.5x for a training step; reported
+Targets: reference / fast >= 2x for sampling, >= 1.5x for a training step; reported
 met/MISSED in the summary (conftest's end-to-end table), never asserted.
 
 Correctness guards (asserted, so a broken backend cannot post a time): both backends' network
@@ -40,7 +40,7 @@ from test_end_to_end import (BACKENDS, assert_backends_agree, interleave, record
                              time_training_step)
 
 SAMPLE_BAR, TRAIN_BAR = 2.0, 1.5
-STEPS = 64                       # the issue's sampling length
+STEPS = 64                       # the sampling length the targets use
 GUIDANCE = 3.0
 
 
