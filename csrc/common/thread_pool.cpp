@@ -2,10 +2,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <condition_variable>
+#include <cstdlib>
+#include <dlfcn.h>
 #include <exception>
 #include <mutex>
 #include <pthread.h>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -13,6 +17,23 @@ namespace imgtx {
 namespace {
 
 thread_local bool t_inside_task = false;
+
+// Runs tasks handed out by `next` until none is left. The first exception is kept in `error`
+// and stops the handing out; the caller rethrows it once every worker is done.
+void drain(const std::function<void(int64_t, int)>& fn, int64_t num_tasks,
+           std::atomic<int64_t>& next, int worker, std::mutex& err_mu, std::exception_ptr& error) {
+  for (;;) {
+    const int64_t t = next.fetch_add(1);
+    if (t >= num_tasks) return;
+    try {
+      fn(t, worker);
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(err_mu);
+      if (!error) error = std::current_exception();
+      next.store(num_tasks);
+    }
+  }
+}
 
 class Pool {
  public:
@@ -83,19 +104,7 @@ class Pool {
     }
   }
 
-  void work(int worker) {
-    for (;;) {
-      const int64_t t = next_task_.fetch_add(1);
-      if (t >= num_tasks_) return;
-      try {
-        (*fn_)(t, worker);
-      } catch (...) {
-        std::lock_guard<std::mutex> lk(err_mu_);
-        if (!error_) error_ = std::current_exception();
-        next_task_.store(num_tasks_);  // stop handing out tasks
-      }
-    }
-  }
+  void work(int worker) { drain(*fn_, num_tasks_, next_task_, worker, err_mu_, error_); }
 
   std::mutex busy_mu_;  // one parallel_for at a time owns the helpers
   std::mutex mu_, err_mu_;
@@ -117,20 +126,104 @@ class Pool {
 // DataLoader workers forked after the parent ran a kernel would otherwise wait forever.
 std::atomic<Pool*> g_pool{nullptr};
 
-void reset_pool_in_child() { g_pool.store(new Pool()); }
-
 Pool& pool() {
   Pool* p = g_pool.load();
   if (p) return *p;
   static std::once_flag once;
-  std::call_once(once, [] {
-    g_pool.store(new Pool());
-    pthread_atfork(nullptr, nullptr, reset_pool_in_child);
-  });
+  std::call_once(once, [] { g_pool.store(new Pool()); });
   return *g_pool.load();
 }
 
+// ---- the OpenMP team of the libgomp.so.1 already in the process (torch's) ----------------
+
+using GompParallel = void (*)(void (*)(void*), void*, unsigned num_threads, unsigned flags);
+using OmpThreadNum = int (*)();
+
+struct Gomp {
+  GompParallel parallel;
+  OmpThreadNum thread_num;
+};
+
+// A forked child must not enter the parent's team: libgomp keeps the parent's (now missing)
+// threads in its pool and would wait for them forever. Installed when the library loads, since
+// the parent may have used OpenMP through torch before ever calling us.
+std::atomic<bool> g_forked{false};
+
+void on_fork_child() {
+  g_forked.store(true);
+  g_pool.store(new Pool());
+}
+
+const int g_fork_handler = pthread_atfork(nullptr, nullptr, on_fork_child);
+
+bool pool_forced() {
+  static const bool forced = [] {
+    const char* v = std::getenv("IMGTX_FAST_CPU_THREADING");
+    std::string mode = v ? v : "";
+    for (char& c : mode) c = char(std::tolower(static_cast<unsigned char>(c)));
+    return mode == "pool";
+  }();
+  return forced;
+}
+
+// The team's entry points, or null. Looked up while libgomp is absent (about a microsecond:
+// torch may be imported after the NumPy front end ran), kept once found: the NOLOAD handle
+// holds a reference, so the runtime can never be unloaded under us.
+const Gomp* team() {
+  if (g_forked.load(std::memory_order_relaxed) || pool_forced()) return nullptr;
+  static std::atomic<const Gomp*> found{nullptr};
+  if (const Gomp* g = found.load(std::memory_order_acquire)) return g;
+  void* lib = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);
+  if (!lib) return nullptr;
+  auto parallel = reinterpret_cast<GompParallel>(dlsym(lib, "GOMP_parallel"));
+  auto thread_num = reinterpret_cast<OmpThreadNum>(dlsym(lib, "omp_get_thread_num"));
+  if (!parallel || !thread_num) {
+    dlclose(lib);
+    return nullptr;
+  }
+  static const Gomp gomp{parallel, thread_num};
+  found.store(&gomp, std::memory_order_release);
+  return &gomp;
+}
+
+std::mutex g_team_mu;  // one parallel_for at a time owns the team; others run serially
+
+struct Region {
+  const std::function<void(int64_t, int)>* fn;
+  int64_t num_tasks;
+  OmpThreadNum thread_num;
+  std::atomic<int64_t> next{0};
+  std::mutex err_mu;
+  std::exception_ptr error;
+};
+
+// The body of the OpenMP region, on each thread of the team (the caller is thread 0).
+void region_body(void* data) {
+  auto& r = *static_cast<Region*>(data);
+  const bool was_inside = t_inside_task;
+  t_inside_task = true;  // nested parallel_for calls from a task run inline
+  drain(*r.fn, r.num_tasks, r.next, r.thread_num(), r.err_mu, r.error);
+  t_inside_task = was_inside;
+}
+
+// Returns false (without running anything) when another caller holds the team.
+bool try_run_on_team(const Gomp& gomp, int64_t num_tasks, int workers,
+                     const std::function<void(int64_t, int)>& fn) {
+  std::unique_lock<std::mutex> busy(g_team_mu, std::try_to_lock);
+  if (!busy.owns_lock()) return false;
+  Region r;
+  r.fn = &fn;
+  r.num_tasks = num_tasks;
+  r.thread_num = gomp.thread_num;
+  // The team has at most `workers` threads, so omp_get_thread_num() is a valid worker id.
+  gomp.parallel(region_body, &r, unsigned(workers), 0);
+  if (r.error) std::rethrow_exception(r.error);
+  return true;
+}
+
 }  // namespace
+
+const char* threading_runtime() { return team() ? "openmp" : "pool"; }
 
 int parallel_workers(int64_t num_tasks, int num_threads) {
   return int(std::max<int64_t>(1, std::min<int64_t>(num_tasks, std::max(1, num_threads))));
@@ -144,7 +237,9 @@ void parallel_for(int64_t num_tasks, int num_threads,
     t_inside_task = true;
     bool ran = false;
     try {
-      ran = pool().try_run(num_tasks, workers, fn);
+      const Gomp* gomp = team();
+      ran = gomp ? try_run_on_team(*gomp, num_tasks, workers, fn)
+                 : pool().try_run(num_tasks, workers, fn);
     } catch (...) {
       t_inside_task = false;
       throw;
@@ -152,7 +247,7 @@ void parallel_for(int64_t num_tasks, int num_threads,
     t_inside_task = false;
     if (ran) return;
   }
-  // Serial: one thread, or the pool is busy with another caller, or we are inside a task.
+  // Serial: one thread, or the pool/team is busy with another caller, or we are inside a task.
   // Worker ids stay within [0, workers) so per-worker scratch sized for `workers` is valid.
   for (int64_t t = 0; t < num_tasks; ++t) fn(t, 0);
 }

@@ -1,8 +1,17 @@
-// The library's CPU thread pool.
+// The library's CPU parallelism: torch's OpenMP team when torch is in the process, else our own
+// pool.
 //
-// Why our own pool instead of OpenMP: torch ships its own libgomp, and a second OpenMP runtime
-// in the process oversubscribes cores and ties our binary to a runtime. The Python layer passes
-// torch.get_num_threads() on every call, so the user's thread setting is respected.
+// Why share torch's team: after every parallel torch op, its OpenMP workers spin for a while
+// waiting for the next region. A kernel of ours that runs right after (the normal case inside a
+// model) on a pool of its own finds its helpers fighting those spinning threads for the cores.
+// When libgomp.so.1 is already loaded (torch's wheel loads it), parallel_for runs its tasks as
+// an OpenMP region of that very runtime (GOMP_parallel, found at run time with dlopen(NOLOAD)):
+// the spinning threads are the ones that pick our work up. The compiled core links neither
+// libtorch nor libgomp, so without torch (the NumPy front end) nothing is loaded and our own
+// pool runs, as before. A forked child never enters the parent's team (libgomp has no fork
+// handler: its threads are gone in the child); it uses a fresh pool of ours.
+// IMGTX_FAST_CPU_THREADING=pool forces our own pool (read once). The Python layer passes
+// torch.get_num_threads() on every call, so the user's thread setting is respected either way.
 #pragma once
 
 #include <cstdint>
@@ -20,5 +29,9 @@ void parallel_for(int64_t num_tasks, int num_threads,
 // Number of threads a parallel_for(num_tasks, num_threads, ...) call will use (for sizing
 // per-worker scratch buffers before the call).
 int parallel_workers(int64_t num_tasks, int num_threads);
+
+// Which runtime the next parallel_for call with more than one worker uses: "openmp" (the team
+// of the libgomp.so.1 already in the process) or "pool" (ours).
+const char* threading_runtime();
 
 }  // namespace imgtx
