@@ -6,6 +6,8 @@ Environment:
   IMGTX_FAST_SIMT        0 (default) | 1: also build imgtx_fast._C_simt, the CUDA kernels compiled
                          for the CPU-side CUDA emulator (imgtx_fast.testing.emulated_cuda; no
                          CUDA toolkit needed)
+  IMGTX_FAST_STATIC_LIBSTDCXX  0 (default) | 1: link libstdc++ into _C, so the binary needs only
+                         glibc's symbol versions (release wheels: scripts/build_wheel.sh)
   MAX_JOBS               parallel compile jobs
   CMAKE_ARGS             extra arguments for the CMake configure step
 """
@@ -39,11 +41,16 @@ def cuda_setting():
     return nvcc
 
 
-def simt_setting():
-    mode = os.environ.get("IMGTX_FAST_SIMT", "0").strip().lower()
+def switch(name):
+    """An IMGTX_FAST_* 0|1 variable (default 0)."""
+    mode = os.environ.get(name, "0").strip().lower()
     if mode not in ("0", "1"):
-        sys.exit(f"IMGTX_FAST_SIMT must be 0 or 1, not {mode!r}")
+        sys.exit(f"{name} must be 0 or 1, not {mode!r}")
     return mode == "1"
+
+
+def simt_setting():
+    return switch("IMGTX_FAST_SIMT")
 
 
 def tool(module, attr, name):
@@ -74,12 +81,14 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DIMGTX_FAST_CUDA={'ON' if nvcc else 'OFF'}",
             f"-DIMGTX_FAST_SIMT={'ON' if simt_setting() else 'OFF'}",
+            # always passed: the CMake cache of an earlier build must not carry it over
+            f"-DIMGTX_FAST_STATIC_LIBSTDCXX={'ON' if switch('IMGTX_FAST_STATIC_LIBSTDCXX') else 'OFF'}",
         ]
         if nvcc:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
             archs = os.environ.get("IMGTX_FAST_CUDA_ARCHS")
-            if archs:
-                args.append(f"-DIMGTX_FAST_CUDA_ARCHS={archs}")
+            # unset: CMakeLists.txt's default, not whatever an earlier build left in the cache
+            args.append(f"-DIMGTX_FAST_CUDA_ARCHS={archs}" if archs else "-UIMGTX_FAST_CUDA_ARCHS")
         args += shlex.split(os.environ.get("CMAKE_ARGS", ""))
         cmake = tool("cmake", "CMAKE_BIN_DIR", "cmake")
         subprocess.check_call([cmake, *args])

@@ -5,13 +5,17 @@ import platform
 import sys
 
 
-def info() -> None:
+def info() -> int:
+    """Print the build and runtime facts; 1 (with the reason on stderr) when a visible GPU
+    cannot run our CUDA kernels."""
     import torch
 
     import imgtx_fast
-    from imgtx_fast import _C
+    from imgtx_fast import _C, _cuda_report
 
     cuda_ok = torch.cuda.is_available()
+    cuda_rows, errors = _cuda_report.cuda_report(_cuda_report.query_cuda(),
+                                                 torch.cuda.device_count() if cuda_ok else 0)
     rows = [
         ("imgtx_fast", f"{imgtx_fast.__version__} ({os.path.dirname(imgtx_fast.__file__)})"),
         ("torch", torch.__version__),
@@ -20,13 +24,15 @@ def info() -> None:
         ("cpu threads", f"{torch.get_num_threads()} (torch.get_num_threads(); built-in pool, no OpenMP)"),
         ("cuda compiled", "yes" if _C.cuda_compiled() else "no"),
         ("cuda archs", _C.cuda_archs() or "-"),
-        ("cuda devices", f"{_C.cuda_device_count()} visible to imgtx_fast; torch sees "
-                         f"{torch.cuda.device_count() if cuda_ok else 0}"),
+        *cuda_rows,
         ("backend", imgtx_fast.get_backend()),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    for e in errors:
+        print(f"imgtx-fast info: error: {e}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def main(argv=None) -> int:
@@ -39,7 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("command", choices=["info", "demo", "bench"], nargs="?", default="info")
     args = parser.parse_args(argv)
     if args.command == "info":
-        info()
+        return info()
     else:
         import pytest
 

@@ -72,7 +72,8 @@ def test_info_command(tmp_path):
     out = subprocess.run([sys.executable, "-m", "imgtx_fast", "info"], capture_output=True,
                          text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    for key in ("cpu path", "cuda compiled", "cuda archs", "cpu threads", "cuda devices"):
+    for key in ("cpu path", "cuda compiled", "cuda archs", "cpu threads", "cuda driver", "cuda runtime",
+                "cuda devices"):
         assert key in out.stdout
     assert _C.cpu_isa() in out.stdout
     assert ("yes" if _C.cuda_compiled() else "no") in out.stdout
