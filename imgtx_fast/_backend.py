@@ -3,7 +3,7 @@ import contextlib
 import threading
 
 _BACKENDS = ("fast", "reference")
-_state = threading.local()
+_state = threading.local()  # .backend: this thread's `backend()` block, .frames: its open blocks
 _default = "fast"
 
 
@@ -12,27 +12,57 @@ def get_backend() -> str:
     return getattr(_state, "backend", _default)
 
 
-def set_backend(name: str) -> None:
-    """Switch every op, process-wide, to 'fast' or to the plain-PyTorch 'reference' twin."""
-    global _default
+def _check(name) -> None:
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+
+
+def set_backend(name: str) -> None:
+    """Switch every op, process-wide, to 'fast' or to the plain-PyTorch 'reference' twin.
+
+    Inside a `backend()` block of this thread, the switch lasts until that block ends: the
+    block restores what was active when it was entered."""
+    global _default
+    _check(name)
     _default = name
     if hasattr(_state, "backend"):
         del _state.backend
+    for frame in getattr(_state, "frames", ()):
+        frame.set_default = True
+
+
+class _Frame:
+    """What an open `backend()` block restores: the thread's block backend (None: none) and
+    the process default, the latter only if set_backend was called inside the block."""
+
+    __slots__ = ("backend", "default", "set_default")
+
+    def __init__(self):
+        self.backend = getattr(_state, "backend", None)
+        self.default = _default
+        self.set_default = False
 
 
 @contextlib.contextmanager
 def backend(name: str):
-    """Context manager: use backend `name` in this thread inside the block."""
-    if name not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
-    previous = getattr(_state, "backend", None)
+    """Context manager: use backend `name` in this thread inside the block.
+
+    On exit -- normal, by an exception, nested or not -- the thread's backend is again the one
+    active when the block was entered, even if set_backend() was called inside it (that switch
+    is undone then; set_backend calls of other threads are not)."""
+    global _default
+    _check(name)
+    frame = _Frame()
+    frames = _state.__dict__.setdefault("frames", [])
+    frames.append(frame)
     _state.backend = name
     try:
         yield
     finally:
-        if previous is None:
+        frames.remove(frame)  # by identity (_Frame has no __eq__)
+        if frame.set_default:
+            _default = frame.default
+        if frame.backend is not None:
+            _state.backend = frame.backend
+        elif hasattr(_state, "backend"):
             del _state.backend
-        else:
-            _state.backend = previous

@@ -688,6 +688,7 @@ def test_local2d_generation_order():
                                                10, 11, 12, 15, 16, 17, 13, 14, 18, 19]
 
 
+@torch.no_grad()  # a KV cache is inference-only
 def test_local_kv_cache_errors_leave_the_cache_intact():
     layer = LAYERS["2d_causal"]()  # 6 x 8 image: 48 positions
     x = torch.randn(1, 50, 16)

@@ -66,7 +66,15 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 class MultiheadAttention(nn.MultiheadAttention):
     """Drop-in for torch.nn.MultiheadAttention (same arguments, parameters, state dict and
-    results); need_weights=False runs the fused attention kernel. See the module docstring."""
+    results). See the module docstring.
+
+    The fast call passes need_weights=False (as nn.TransformerEncoderLayer does)::
+
+        out, _ = mha(query, key, value, need_weights=False)  # the fused attention kernel
+
+    With torch's default need_weights=True, forward must return the attention weights, which
+    the fused kernel never builds, so it takes the slow path -- torch's own implementation, with
+    a warning once -- just as torch.nn.MultiheadAttention skips its fast path then."""
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,

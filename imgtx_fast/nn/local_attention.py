@@ -38,9 +38,16 @@ class KVCache:
 
     max_length: preallocate that many positions on the first append (no copy per step; a
     longer sequence is an error); None: start with the first chunk's size and double when full.
-    `length` is the number of positions stored; `reset()` empties the cache for a new sample.
+    `length` is the number of positions stored; `reset()` empties the cache for a new sample,
+    which may then have another batch size, dtype or device (the buffers are reused when they
+    fit, reallocated when not).
     1D layers `append` in sequence order; 2D layers `reserve` height*width raster slots, attend
     through the current query tile's `window` and `store` each finished tile at its raster slots.
+
+    Inference only, like Hugging Face's caches: appends write into preallocated buffers in
+    place, which autograd cannot differentiate through. A cached call whose keys/values require
+    grad (grad mode on) raises; sample under torch.no_grad() or torch.inference_mode(), and train
+    with one full-sequence forward without a cache.
     """
 
     def __init__(self, max_length: Optional[int] = None):
@@ -68,15 +75,28 @@ class KVCache:
         if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
             raise ValueError(f"KVCache: k and v must be (B, heads, n, head_dim) with the same "
                              f"(B, heads, n), got {tuple(k.shape)} and {tuple(v.shape)}")
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise RuntimeError("KVCache is inference-only: its buffers are written in place, so "
+                               "autograd cannot run backward through cached attention. Sample "
+                               "under torch.no_grad() or torch.inference_mode(); to train, call "
+                               "the layer on the whole sequence without a cache")
         end = self.length + k.shape[2]
         if self.max_length is not None and end > self.max_length:
             raise ValueError(f"KVCache: {end} positions exceed max_length={self.max_length}")
-        if self.k is not None and (k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]
-                                   or v.shape[3] != self.v.shape[3] or k.dtype != self.k.dtype
-                                   or k.device != self.k.device):
+        if self.k is not None and not self._fits(k, v):
+            if self.length == 0:  # empty (new or reset): take the new kind of keys
+                self.k = self.v = None
+                return
             raise ValueError(f"KVCache: new keys {tuple(k.shape)} {k.dtype} on {k.device} do "
                              f"not match the cache's {tuple(self.k.shape)} {self.k.dtype} on "
                              f"{self.k.device}; call reset() or use a new cache")
+
+    def _fits(self, k: Tensor, v: Tensor) -> bool:
+        """Whether k, v (B, heads, n, head_dim) have the stored keys' batch, heads, head dims,
+        dtype and device."""
+        return (k.shape[:2] == self.k.shape[:2] and k.shape[3] == self.k.shape[3]
+                and v.shape[3] == self.v.shape[3] and k.dtype == self.k.dtype
+                and k.device == self.k.device)
 
     def reserve(self, k: Tensor, v: Tensor, size: int) -> None:
         """Check that n = k.shape[2] more positions of this kind fit, and allocate the `size`
