@@ -25,6 +25,12 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
         "another directory (or use the `imgtx-fast` command), or build in place with "
         "`pip install -e .`."
     ) from e
+if _C.cpu_isa_env_warning():
+    # An unusable IMGTX_FAST_CPU_ISA is ignored with a warning, as torch ignores a bad
+    # ATEN_CPU_CAPABILITY: one line (line 0: no source line under it), then auto-detection.
+    import warnings as _warnings
+
+    _warnings.warn_explicit(_C.cpu_isa_env_warning(), RuntimeWarning, __file__, 0, __name__)
 from ._backend import backend, get_backend, set_backend
 from .patterns import Local1d, Local2d
 

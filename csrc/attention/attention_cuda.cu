@@ -180,20 +180,25 @@ using namespace attn_cuda;
 
 namespace {
 
-// Shared memory both passes need at head dim d (the backward's is the larger).
-int smem_needed(int64_t d) {
-  using namespace attn_cuda;
+// Shared memory one pass needs at head dim d (the backward's is the larger).
+template <int D>
+int pass_smem(AttnPass pass) {
+  return pass == AttnPass::kBackward ? bwd_smem_bytes<D>() : fwd_smem_bytes<D>();
+}
+
+int smem_needed(int64_t d, AttnPass pass) {
   switch (d) {
-    case 32: return std::max(fwd_smem_bytes<32>(), bwd_smem_bytes<32>());
-    case 64: return std::max(fwd_smem_bytes<64>(), bwd_smem_bytes<64>());
-    case 96: return std::max(fwd_smem_bytes<96>(), bwd_smem_bytes<96>());
-    default: return std::max(fwd_smem_bytes<128>(), bwd_smem_bytes<128>());
+    case 32: return pass_smem<32>(pass);
+    case 64: return pass_smem<64>(pass);
+    case 96: return pass_smem<96>(pass);
+    default: return pass_smem<128>(pass);
   }
 }
 
 // The current device's opt-in shared memory per block: 227 KB on A100/H100, but 99 KB on
 // sm_86/sm_89 cards (RTX 30xx/40xx, A10, L4, L40), which the 80-real build also runs on and
-// where the D = 128 backward (125 KB) cannot launch. Such calls take the torch path instead.
+// where the D = 128 backward (122 KB) cannot launch while its forward (87 KB) can. Each pass
+// decides alone; a pass that does not fit takes the torch path instead.
 int device_smem_optin() {
   int device = 0, bytes = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -206,10 +211,10 @@ int device_smem_optin() {
 
 }  // namespace
 
-bool attention_cuda_supported(const AttnParams& p) {
+bool attention_cuda_supported(const AttnParams& p, AttnPass pass) {
   if (p.q.dtype != DType::kFloat16 && p.q.dtype != DType::kBFloat16) return false;
   if (p.head_dim != p.v_dim || !dims_supported(p.head_dim)) return false;
-  if (smem_needed(p.head_dim) > device_smem_optin()) return false;
+  if (smem_needed(p.head_dim, pass) > device_smem_optin()) return false;
   if (p.mask.kind == AttnMaskKind::kAdditive && p.mask.dtype != DType::kFloat32 &&
       p.mask.dtype != DType::kFloat16 && p.mask.dtype != DType::kBFloat16)
     return false;
@@ -218,13 +223,14 @@ bool attention_cuda_supported(const AttnParams& p) {
 
 size_t attention_forward_cuda_workspace_size(const AttnForwardParams& p) {
   validate_device_params(p);
-  if (!attention_cuda_supported(p) || p.batch * p.heads * p.q_len == 0) return 0;
+  if (!attention_cuda_supported(p, AttnPass::kForward) || p.batch * p.heads * p.q_len == 0)
+    return 0;
   return fwd_config(p).workspace;
 }
 
 void attention_forward_cuda(const AttnForwardParams& p, void* workspace, void* stream) {
   validate_device_params(p);
-  if (!attention_cuda_supported(p))
+  if (!attention_cuda_supported(p, AttnPass::kForward))
     fail("unsupported call (needs fp16/bf16 and head_dim == v_dim in {32, 64, 96, 128})");
   if (p.batch * p.heads * p.q_len == 0) return;
   if (!p.out.data) fail("out is a null pointer");
@@ -271,14 +277,14 @@ void attention_forward_cuda(const AttnForwardParams& p, void* workspace, void* s
 
 size_t attention_backward_cuda_workspace_size(const AttnBackwardParams& p) {
   validate_device_params(p);
-  if (!attention_cuda_supported(p)) return 0;
+  if (!attention_cuda_supported(p, AttnPass::kBackward)) return 0;
   const size_t acc = size_t(p.batch * p.kv_heads * p.k_len * p.head_dim) * sizeof(float);
   return 2 * align256(acc);
 }
 
 void attention_backward_cuda(const AttnBackwardParams& p, void* workspace, void* stream) {
   validate_device_params(p);
-  if (!attention_cuda_supported(p))
+  if (!attention_cuda_supported(p, AttnPass::kBackward))
     fail("unsupported call (needs fp16/bf16 and head_dim == v_dim in {32, 64, 96, 128})");
   if (p.batch * p.heads * p.q_len == 0 || p.k_len == 0)
     fail("backward needs at least one query and one key (the caller zero-fills empty cases)");

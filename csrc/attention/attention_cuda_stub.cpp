@@ -13,7 +13,7 @@ namespace {
 }
 }  // namespace
 
-bool attention_cuda_supported(const AttnParams&) { return false; }
+bool attention_cuda_supported(const AttnParams&, AttnPass) { return false; }
 size_t attention_forward_cuda_workspace_size(const AttnForwardParams&) { return 0; }
 void attention_forward_cuda(const AttnForwardParams&, void*, void*) { no_cuda(); }
 size_t attention_backward_cuda_workspace_size(const AttnBackwardParams&) { return 0; }

@@ -137,15 +137,19 @@ void register_attention(py::module_& m) {
           attention_backward_cpu(p, num_threads);
         });
   // CUDA: the same arguments (device pointers) plus a workspace and the stream. The
-  // *_workspace_size functions take the arguments with null pointers.
-  m.def("attention_cuda_supported",
-        [](const Sizes& sizes, const TensorArg& q, const TensorArg& k, const TensorArg& v,
-           int64_t causal_offset, const MaskArg& mask, uintptr_t key_lengths,
-           const std::vector<int64_t>& pattern) {
-          AttnParams p;
-          fill_common(p, sizes, q, k, v, 1.0f, causal_offset, mask, key_lengths, pattern);
-          return attention_cuda_supported(p);
-        });
+  // *_workspace_size functions take the arguments with null pointers. Whether the kernels take
+  // a call is decided per pass: backward=True asks for the backward (more shared memory).
+  m.def(
+      "attention_cuda_supported",
+      [](const Sizes& sizes, const TensorArg& q, const TensorArg& k, const TensorArg& v,
+         int64_t causal_offset, const MaskArg& mask, uintptr_t key_lengths,
+         const std::vector<int64_t>& pattern, bool backward) {
+        AttnParams p;
+        fill_common(p, sizes, q, k, v, 1.0f, causal_offset, mask, key_lengths, pattern);
+        return attention_cuda_supported(p, backward ? AttnPass::kBackward : AttnPass::kForward);
+      },
+      py::arg("sizes"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("causal_offset"),
+      py::arg("mask"), py::arg("key_lengths"), py::arg("pattern"), py::arg("backward") = false);
   m.def("attention_forward_cuda_workspace_size",
         [](const Sizes& sizes, const TensorArg& q, const TensorArg& k, const TensorArg& v,
            const OutArg& out, uintptr_t lse, float scale, int64_t causal_offset,

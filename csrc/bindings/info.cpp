@@ -3,6 +3,7 @@
 
 #include "bindings/bindings.h"
 #include "common/cpu_features.h"
+#include "common/thread_pool.h"
 
 #ifdef IMGTX_HAVE_CUDA
 #include <cuda_runtime_api.h>
@@ -61,6 +62,12 @@ void register_info(py::module_& m) {
       if (cpu_isa_supported(isa)) out.append(cpu_isa_name(isa));
     return out;
   });
+  m.def("cpu_isa_env_warning", &cpu_isa_env_warning,
+        "Why IMGTX_FAST_CPU_ISA was ignored (an unknown name or a path this CPU/build cannot "
+        "run), or '' when it is unset or in use.");
+  m.def("cpu_threading", [] { return std::string(threading_runtime()); },
+        "The runtime of the CPU kernels' parallel work: 'openmp' (the team of the libgomp.so.1 "
+        "already in the process, torch's) or 'pool' (the library's own threads).");
   m.def("cuda_compiled", [] {
 #ifdef IMGTX_HAVE_CUDA
     return true;

@@ -1,8 +1,10 @@
 #include "common/cpu_features.h"
 
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <stdexcept>
+#include <string>
 
 namespace imgtx {
 namespace {
@@ -17,12 +19,25 @@ bool cpu_supports(CpuIsa isa) {
   return isa == CpuIsa::kPortable;
 }
 
+// The path a name means, in any case ("AVX2" as well), or false for an unknown name.
+bool lookup(const std::string& name, CpuIsa* isa) {
+  std::string lower;
+  for (char c : name) lower += char(std::tolower(static_cast<unsigned char>(c)));
+  for (CpuIsa candidate : {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+    if (lower == cpu_isa_name(candidate)) {
+      *isa = candidate;
+      return true;
+    }
+  }
+  return false;
+}
+
 CpuIsa parse(const std::string& name) {
-  if (name == "portable") return CpuIsa::kPortable;
-  if (name == "avx2") return CpuIsa::kAvx2;
-  if (name == "avx512") return CpuIsa::kAvx512;
-  throw std::invalid_argument("unknown CPU path '" + name +
-                              "' (expected 'portable', 'avx2' or 'avx512')");
+  CpuIsa isa;
+  if (!lookup(name, &isa))
+    throw std::invalid_argument("unknown CPU path '" + name +
+                                "' (expected 'portable', 'avx2' or 'avx512', any case)");
+  return isa;
 }
 
 CpuIsa best_isa() {
@@ -31,13 +46,30 @@ CpuIsa best_isa() {
   return CpuIsa::kPortable;
 }
 
+// What was wrong with IMGTX_FAST_CPU_ISA when it was read ("" when nothing). Like
+// ATEN_CPU_CAPABILITY, a value that cannot be used is ignored with a warning (the Python
+// package shows this text once at import), never an error.
+std::string& env_warning() {
+  static std::string text;
+  return text;
+}
+
 CpuIsa initial_isa() {
+  const CpuIsa best = best_isa();
   const char* env = std::getenv("IMGTX_FAST_CPU_ISA");
-  if (env && *env) {
-    const CpuIsa want = parse(env);
-    if (cpu_isa_supported(want)) return want;
+  if (!env || !*env) return best;
+  CpuIsa want;
+  const std::string prefix = std::string("IMGTX_FAST_CPU_ISA='") + env + "' ";
+  if (!lookup(env, &want)) {
+    env_warning() = prefix + "is not one of portable, avx2, avx512 (any case); using " +
+                    cpu_isa_name(best) + ", the best path this CPU supports";
+    return best;
   }
-  return best_isa();
+  if (!cpu_isa_supported(want)) {
+    env_warning() = prefix + "is not available on this CPU/build; using " + cpu_isa_name(best);
+    return best;
+  }
+  return want;
 }
 
 std::atomic<int>& isa_slot() {
@@ -59,6 +91,11 @@ bool cpu_isa_compiled(CpuIsa isa) {
 bool cpu_isa_supported(CpuIsa isa) { return cpu_isa_compiled(isa) && cpu_supports(isa); }
 
 CpuIsa active_cpu_isa() { return CpuIsa(isa_slot().load()); }
+
+std::string cpu_isa_env_warning() {
+  isa_slot();  // reads the variable on first use
+  return env_warning();
+}
 
 void set_cpu_isa(const std::string& name) {
   const CpuIsa want = parse(name);

@@ -113,9 +113,11 @@ def cuda_kernels_enabled() -> bool:
     return os.environ.get("IMGTX_FAST_CUDA_ATTENTION", "0") == "1" and _C.cuda_compiled()
 
 
-def _cuda_kernels(q, k, v, key_lengths, attn_mask, pattern, causal_offset):
-    """The module whose CUDA attention kernels take this call (_C on CUDA tensors when enabled,
-    _C_simt on CPU tensors under emulated_cuda(), whatever the opt-in says), or None."""
+def _cuda_kernels(q, k, v, key_lengths, attn_mask, pattern, causal_offset, backward=False):
+    """The module whose CUDA attention kernels take this pass of the call (_C on CUDA tensors
+    when enabled, _C_simt on CPU tensors under emulated_cuda(), whatever the opt-in says), or
+    None. The forward and the backward decide apart: the backward needs more shared memory, so
+    on sm_86/sm_89 a head-dim-128 forward runs the kernel and its backward falls back."""
     mod = cuda_module(q)
     if mod is None or (q.device.type == "cuda" and not cuda_kernels_enabled()):
         return None
@@ -123,7 +125,7 @@ def _cuda_kernels(q, k, v, key_lengths, attn_mask, pattern, causal_offset):
     supported = mod.attention_cuda_supported(
         (B, H, k.shape[1], Nq, k.shape[2], D, v.shape[3]), _tensor_arg(q, "q"),
         _tensor_arg(k, "k"), _tensor_arg(v, "v"), int(causal_offset), _mask_arg(attn_mask),
-        key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern))
+        key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern), backward)
     return mod if supported else None
 
 
@@ -179,7 +181,7 @@ def attention_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, 
                        attn_mask: Optional[Tensor], pattern: List[int], causal_offset: int,
                        scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     _check_raw(q, key_lengths, attn_mask)
-    cuda = _cuda_kernels(q, k, v, key_lengths, attn_mask, pattern, causal_offset)
+    cuda = _cuda_kernels(q, k, v, key_lengths, attn_mask, pattern, causal_offset, backward=True)
     if q.device.type != "cpu" and cuda is None:
         return _reference_backward(grad_out, grad_lse, q, k, v, out, key_lengths, attn_mask,
                                    pattern, causal_offset, scale)

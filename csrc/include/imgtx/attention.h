@@ -88,13 +88,16 @@ void attention_forward_cpu(const AttnForwardParams& p, int num_threads);
 void attention_backward_cpu(const AttnBackwardParams& p, int num_threads);
 
 // CUDA (issue 5; compiled, not yet verified on a GPU): tensor-core kernels for fp16/bf16 inputs
-// with D == Dv in {32, 64, 96, 128}; attention_cuda_supported says whether a call qualifies.
+// with D == Dv in {32, 64, 96, 128}; attention_cuda_supported says whether a call qualifies for
+// the given pass (the backward needs more shared memory than the forward: at D = 128 only the
+// forward fits the 99 KB per block of sm_86/sm_89).
 // Every pointer (q, k, v, out, lse, key_lengths, mask, gradients) is a device pointer;
 // `workspace` is a device buffer of at least the *_workspace_size bytes, 256-byte aligned,
 // allocated by the caller (so it comes from the framework's caching allocator). Asynchronous on
 // `stream` (a cudaStream_t); launch errors throw std::runtime_error; no host synchronisation, so
 // the calls can be captured in a CUDA graph. Semantics identical to the CPU functions.
-bool attention_cuda_supported(const AttnParams& p);
+enum class AttnPass : int { kForward = 0, kBackward = 1 };
+bool attention_cuda_supported(const AttnParams& p, AttnPass pass);
 size_t attention_forward_cuda_workspace_size(const AttnForwardParams& p);
 void attention_forward_cuda(const AttnForwardParams& p, void* workspace, void* stream);
 size_t attention_backward_cuda_workspace_size(const AttnBackwardParams& p);
