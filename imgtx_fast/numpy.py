@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _C
 from ._frontend import ArrayOps, CodebookLookup, MaskAndReplaceSchedule
+from ._frontend.common import int_scalar
 from .patterns import Local1d, Local2d
 
 __all__ = ["CodebookLookup", "Local1d", "Local2d", "MaskAndReplaceSchedule", "attention",
@@ -48,9 +49,9 @@ def get_num_threads() -> int:
 def set_num_threads(n: int) -> None:
     """Set the CPU kernels' thread count for this process (torch.set_num_threads's analogue)."""
     global _threads
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if int_scalar(n) is None or int_scalar(n) < 1:  # numpy integers too, as torch's
         raise ValueError(f"set_num_threads: n must be an int >= 1, got {n!r}")
-    _threads = n
+    _threads = int_scalar(n)
 
 
 def _is_array(x) -> bool:

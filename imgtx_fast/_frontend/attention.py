@@ -3,7 +3,6 @@ attention_op, _check) and its forward kernel call, on arrays. The kernels' argum
 (pattern_args, NO_MASK, mask_arg) and the shape checks (check_shapes) live here only: the
 torch op imports them."""
 import math
-import numbers
 from typing import List
 
 import numpy as np
@@ -11,7 +10,7 @@ import numpy as np
 from .. import _C
 from ..patterns import Local1d, Local2d
 from .arrays import element_strides, float_code
-from .common import dense_last, same_device, strided
+from .common import check_real, dense_last, same_device, strided
 
 _OP = "attention"
 _MAX_HEAD_DIM = 256
@@ -109,8 +108,7 @@ def _check(rt, q, k, v, key_lengths, attn_mask, pattern, scale):
                              f"broadcast to (B, H, Nq, Nk) = {(B, H, Nq, Nk)}")
         if rt.device(attn_mask) != device:
             raise ValueError(f"{_OP}: attn_mask is on {rt.device(attn_mask)}, q on {device}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
-        raise TypeError(f"{_OP}: scale must be a float or None, got {type(scale).__name__}")
+    check_real(scale, "scale", _OP, optional=True)
     return q, k, v, key_lengths, attn_mask, device
 
 

@@ -42,6 +42,54 @@ def dense_last(rt, a):
     return a, st
 
 
+def real_scalar(value):
+    """value as a Python float if it is one real number: an int or float, a numpy scalar, or a
+    0-d array or tensor of a real dtype (what users pass after np.float32(...), x.mean(), ...);
+    None otherwise. Bools are not numbers here (True as a scale or timestep is a mistake)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, numbers.Real):  # int, float and numpy's scalar types
+        return float(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # 0-d numpy/torch/cupy
+        return real_scalar(value.item())
+    return None
+
+
+def int_scalar(value):
+    """value as a Python int if it is one integer: an int, a numpy integer scalar, or a 0-d
+    array or tensor of an integer dtype; None otherwise (bools included)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return int_scalar(value.item())
+    return None
+
+
+def check_real(value, name: str, op: str, optional: bool = False):
+    """A real-number argument (scale, truncation rate, guidance scale, temperature, ...) of the
+    torch and the framework-free ops alike, as a Python float (None stays None when optional);
+    TypeError naming it otherwise."""
+    if optional and value is None:
+        return None
+    r = real_scalar(value)
+    if r is None:
+        raise TypeError(f"{op}: {name} must be a float{' or None' if optional else ''} (an int, "
+                        f"a numpy scalar or a 0-d array will do), got {type(value).__name__}")
+    return r
+
+
+def check_int(value, name: str, op: str) -> int:
+    """An integer argument (timestep, offset, step count, ...) as a Python int; TypeError naming
+    it otherwise."""
+    i = int_scalar(value)
+    if i is None:
+        raise TypeError(f"{op}: {name} must be an int (a numpy integer or a 0-d integer array "
+                        f"will do), got {type(value).__name__}")
+    return i
+
+
 def philox_key(generator, op: str) -> int:
     """The sampling kernels' Philox key, drawn the way the torch API draws it from a
     torch.Generator (diffusion.sampling.philox_seed: one integer in [0, 2^62)):

@@ -1,10 +1,8 @@
 """posterior_sample, posterior_log_probs and q_sample for the framework-free front ends: the
 checks of diffusion/sampling.py and diffusion/schedule.py and the kernel calls of
 ops/diffusion.py, on arrays."""
-import numbers
-
 from .arrays import float_code, is_integer
-from .common import philox_key, strided
+from .common import check_real, int_scalar, philox_key, strided
 from .schedule import MaskAndReplaceSchedule
 
 _BAD_LOGITS, _BAD_INDEX = 1, 2  # the kernels' status bits
@@ -30,8 +28,9 @@ def _check_schedule(sched, op):
 
 def check_truncation_and_guidance(truncation_rate, guidance_scale, log_p_x0_uncond, op: str) -> None:
     """The posterior ops' truncation_rate and guidance arguments (diffusion/sampling.py too)."""
+    check_real(guidance_scale, "guidance_scale", op, optional=True)
     if truncation_rate is not None:
-        r = float(truncation_rate)
+        r = check_real(truncation_rate, "truncation_rate", op)
         if not 0.0 < r <= 1.0:
             raise ValueError(f"{op}: truncation_rate must be in (0, 1], got {truncation_rate}")
     if (guidance_scale is None) != (log_p_x0_uncond is None):
@@ -67,10 +66,11 @@ def _coefs(rt, sched, t, batch, device, op):
     xp = rt.xp
     with rt.on_device(device):
         table = rt.table(sched)
-        if isinstance(t, numbers.Integral) and not isinstance(t, bool):
+        if int_scalar(t) is not None:  # an int, a numpy integer or a 0-d integer array
+            t = int_scalar(t)
             if not 0 <= t < T:
                 raise ValueError(f"{op}: t must be in [0, {T}), got {t}")
-            return xp.ascontiguousarray(xp.broadcast_to(table[int(t)], (batch, table.shape[1])))
+            return xp.ascontiguousarray(xp.broadcast_to(table[t], (batch, table.shape[1])))
         if isinstance(t, bool) or not rt.is_array(t):
             raise TypeError(f"{op}: t must be an int or an integer array, got {type(t).__name__}")
         t = rt.array(t, "t", op)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .._frontend import schedule as _array_schedule
+from .._frontend.common import int_scalar
 
 
 class MaskAndReplaceSchedule(_array_schedule.MaskAndReplaceSchedule):
@@ -44,6 +45,8 @@ class MaskAndReplaceSchedule(_array_schedule.MaskAndReplaceSchedule):
     def check_t(self, t, batch: int, device, op: str) -> Tensor:
         """t (int, 0-d or (batch,) integer tensor) as a (batch,) int64 tensor on `device`."""
         T = self.num_timesteps
+        if not isinstance(t, Tensor) and int_scalar(t) is not None:
+            t = int_scalar(t)  # numpy integer scalars and 0-d arrays, as the numpy front end
         if isinstance(t, bool) or not isinstance(t, (int, Tensor)):
             raise TypeError(f"{op}: t must be an int or an integer tensor, got {type(t).__name__}")
         if isinstance(t, int):

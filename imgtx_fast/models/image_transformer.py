@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._frontend.common import int_scalar, real_scalar
 from ..nn.local_attention import KVCache, LocalAttention1d, LocalAttention2d
 from ._common import ModelBase
 
@@ -290,15 +291,18 @@ class ImageTransformer(ModelBase):
             B = labels.shape[0]
             if batch_size is not None and batch_size != B:
                 raise ValueError(f"{op}: batch_size ({batch_size}) disagrees with labels ({B} entries)")
-        elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        elif int_scalar(batch_size) is None or int_scalar(batch_size) <= 0:
             raise ValueError(f"{op}: an unconditional model needs batch_size, a positive int, got {batch_size!r}")
         else:
-            B = batch_size
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-                or not math.isfinite(temperature):
+            B = int_scalar(batch_size)
+        # numpy scalars count as numbers here, as in every op
+        temp = real_scalar(temperature)
+        if temp is None or not temp > 0 or not math.isfinite(temp):
             raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
-        if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or not 0 <= prefix_len <= N:
+        temperature = temp
+        if int_scalar(prefix_len) is None or not 0 <= int_scalar(prefix_len) <= N:
             raise ValueError(f"{op}: prefix_len must be an int in [0, {N}], got {prefix_len!r}")
+        prefix_len = int_scalar(prefix_len)
         device = self.to_logits.weight.device
         if prefix_len:
             if prefix is None:

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._frontend.common import int_scalar, real_scalar
 from ._common import ModelBase
 from .text_encoder import TextEncoder, WordTokenizer
 from .vq_diffusion import Block, sampling_timesteps, timestep_embedding
@@ -64,9 +65,10 @@ def _int(v, name, op, lo=1):
 
 
 def _number(v, name, op) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    r = real_scalar(v)  # numpy scalars and 0-d arrays too
+    if r is None or not math.isfinite(r):
         raise ValueError(f"{op}: {name} must be a finite number, got {v!r}")
-    return float(v)
+    return r
 
 
 # ----------------------------------------------------------------------------- config
@@ -313,8 +315,8 @@ class ImagenDenoiser(ModelBase):
 
     def _timesteps(self, t, B: int, op: str) -> Tensor:
         T = self.config.num_timesteps
-        if isinstance(t, int) and not isinstance(t, bool):
-            t = torch.full((B,), t, dtype=torch.int64)
+        if not isinstance(t, Tensor) and int_scalar(t) is not None:
+            t = torch.full((B,), int_scalar(t), dtype=torch.int64)
         if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
             raise TypeError(f"{op}: t must be an int or a (B,) integer tensor, got {t!r:.60}")
         if t.dim() == 0:
@@ -342,8 +344,8 @@ class ImagenDenoiser(ModelBase):
             raise ValueError(f"{op}: low_res has batch size {low_res.shape[0]} but the batch is {B}")
         if aug_level is None:
             aug_level = 0.0
-        if isinstance(aug_level, (int, float)) and not isinstance(aug_level, bool):
-            aug_level = torch.full((B,), float(aug_level))
+        if not isinstance(aug_level, Tensor) and real_scalar(aug_level) is not None:
+            aug_level = torch.full((B,), real_scalar(aug_level))
         if not isinstance(aug_level, Tensor) or not aug_level.dtype.is_floating_point or aug_level.shape != (B,):
             raise ValueError(f"{op}: aug_level must be a number or a (B,) float tensor in [0, 1]")
         if not bool(((aug_level >= 0) & (aug_level <= 1)).all()):
@@ -510,8 +512,9 @@ class ImagenDenoiser(ModelBase):
         text, lengths = self._text(text, text_lengths, None, op)
         B = text.shape[0]
         T = cfg.num_timesteps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
+        if int_scalar(num_steps) is None or not 1 <= int_scalar(num_steps) <= T:
             raise ValueError(f"{op}: num_steps must be an int in [1, {T}], got {num_steps!r}")
+        num_steps = int_scalar(num_steps)
         w = self._guidance(guidance_scale, op)
         if sampler not in _SAMPLERS:
             raise ValueError(f"{op}: sampler must be one of {_SAMPLERS}, got {sampler!r}")

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._frontend.common import int_scalar, real_scalar
 from ..diffusion import MaskAndReplaceSchedule, TimestepSampler, posterior_sample, q_sample, vb_loss
 from ..ops.fused_attention import attention
 from ._common import ModelBase
@@ -125,8 +126,9 @@ def sampling_timesteps(num_timesteps: int, num_steps: int) -> List[int]:
     """The descending timesteps a `num_steps`-step sampler visits: evenly spaced from T-1 (the
     all-MASK start) down to 0, so each one calls the network once. num_steps = T visits every
     timestep; num_steps = 1 jumps from T-1 straight to x0."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_timesteps:
+    if int_scalar(num_steps) is None or not 1 <= int_scalar(num_steps) <= num_timesteps:
         raise ValueError(f"num_steps must be an int in [1, {num_timesteps}], got {num_steps!r}")
+    num_steps = int_scalar(num_steps)  # numpy integers too
     if num_steps == 1:
         return [num_timesteps - 1]
     # t_i = T-1 - round(i (T-1) / (num_steps-1)) in integers: the spacing is >= 1, so they are
@@ -457,8 +459,9 @@ class VQDiffusionTransformer(ModelBase):
         T = cfg.num_timesteps
         steps = sampling_timesteps(T, T if num_steps is None else num_steps)
         jumps = jump_schedule(self.schedule, steps)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        if real_scalar(guidance_scale) is None or not math.isfinite(real_scalar(guidance_scale)):
             raise ValueError(f"{op}: guidance_scale must be a finite number, got {guidance_scale!r}")
+        guidance_scale = real_scalar(guidance_scale)  # numpy scalars too
         if truncation_rate is not None and not 0.0 < float(truncation_rate) <= 1.0:
             raise ValueError(f"{op}: truncation_rate must be in (0, 1], got {truncation_rate}")
         guided = guidance_scale != 1.0

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._dtypes import FLOAT_CODES
+from .._frontend.common import real_scalar
 from ..ops.fused_attention import attention_op
 
 __all__ = ["scaled_dot_product_attention"]
@@ -66,7 +67,7 @@ def _why_not_fused(query, key, value, attn_mask, dropout_p, is_causal, scale,
                            f"sequence length, got {key.shape[-2]} and {value.shape[-2]}")
     if not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
         return "is_causal/enable_gqa that are not bools", True
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+    if scale is not None and real_scalar(scale) is None:  # torch takes numpy scalars as well
         return f"scale of type {type(scale).__name__}", True
     if dropout_p != 0.0:
         return "dropout_p > 0", True

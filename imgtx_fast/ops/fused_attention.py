@@ -22,6 +22,7 @@ from .._dtypes import float_code
 # torch-free front end's; `_NO_CAUSAL` is the causal_offset meaning "not causal".
 from .._frontend.attention import (_LOCAL1D, _LOCAL2D, _NO_CAUSAL, _OP, NO_MASK, check_shapes,
                                    mask_arg, pattern_args)
+from .._frontend.common import check_int, check_real
 from ..patterns import Local1d, Local2d
 from ..reference import attention as _reference
 from ._launch import cuda_module, cuda_stream, device_guard, eager_fast_path, num_threads
@@ -283,8 +284,7 @@ def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
         if attn_mask.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{_OP}: attn_mask requires grad, and the fused kernel has no "
                              "gradient for masks (use torch's scaled_dot_product_attention)")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"{_OP}: scale must be a float or None, got {type(scale).__name__}")
+    check_real(scale, "scale", _OP, optional=True)  # numpy scalars too, as the numpy front end
 
 
 def attention_op(q: Tensor, k: Tensor, v: Tensor, *, causal_offset: Optional[int] = None,
@@ -294,8 +294,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, *, causal_offset: Optional[int
     causal_offset (None: no causal mask). Returns (out, lse)."""
     _check(q, k, v, key_lengths, attn_mask, pattern, scale)
     if causal_offset is not None:
-        if isinstance(causal_offset, bool) or not isinstance(causal_offset, int):
-            raise TypeError(f"{_OP}: causal_offset must be an int or None, got {causal_offset!r}")
+        causal_offset = check_int(causal_offset, "causal_offset", _OP)
         if pattern is not None:
             raise ValueError(f"{_OP}: a pattern carries its own causality; pass causal_offset=None with it")
     B, H, Nq, D = q.shape
