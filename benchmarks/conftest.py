@@ -8,12 +8,29 @@ Knobs: IMGTX_BENCH_ROUNDS / --imgtx-rounds (timed rounds, default 3),
        IMGTX_BENCH_MAX_CALL_S / --imgtx-max-call-s (a call slower than this gets 1 timed round, default 10),
        IMGTX_BENCH_THREADS (intra-op threads; default: every CPU this process may run on).
 """
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import pytest
 import torch
+
+
+def _prefer_installed_package() -> None:
+    """`python -m pytest benchmarks/` from a checkout root puts the source tree first on
+    sys.path: drop it when it has no compiled core and a package is installed (the benchmark
+    modules import imgtx_fast after this). The logic is tests/source_tree.py's."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
+                        "source_tree.py")
+    if os.path.exists(path):
+        spec = importlib.util.spec_from_file_location("imgtx_fast_source_tree", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.prefer_installed_package()
+
+
+_prefer_installed_package()
 
 FULL_N, QUICK_N, SMOKE_N = 16384, 2048, 1024
 DEFAULT_ROUNDS = 3

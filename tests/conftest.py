@@ -1,7 +1,11 @@
 import pytest
 import torch
 
-from imgtx_fast import _C
+from source_tree import prefer_installed_package
+
+prefer_installed_package()  # `python -m pytest` from a checkout root: the installed package
+
+from imgtx_fast import _C  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
