@@ -24,6 +24,7 @@ import weakref
 from typing import Callable, List, Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 try:
     # SchedulerMixin is re-exported on purpose: a saved pipeline records our scheduler under this
@@ -37,6 +38,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 
 from ..diffusion import MaskAndReplaceSchedule, posterior_sample
 from ..nn._masks import key_lengths_from_mask
+from ..nn.functional import _why_not_fused, warn_fallback
 from ..ops.fused_attention import attention_op
 
 # The pipeline class imports transformers (CLIP); the scheduler does not need it.
@@ -269,6 +271,10 @@ class FusedAttnProcessor:
     `attn.prepare_attention_mask`, group_norm, norm_cross, norm_q/norm_k, to_out,
     residual_connection, rescale_output_factor.
 
+    Where the kernel cannot run (head dim above 256, as in AutoencoderKL's one-head mid-block at
+    512 channels, float64, other devices, ...) the call is AttnProcessor2_0's torch SDPA, with a
+    warning once per reason.
+
     Two deliberate differences:
     - the logits are scaled by `attn.scale`. AttnProcessor2_0 leaves SDPA's 1/sqrt(head_dim),
       which equals attn.scale wherever diffusers makes it the default (scale_qk=True); with
@@ -319,11 +325,12 @@ class FusedAttnProcessor:
         batch_size, sequence_length, _ = (
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
 
-        key_lengths = None
+        key_lengths = stock_mask = None
         if attention_mask is not None:
             raw = attention_mask
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            stock_mask = attention_mask
             if self.mask_to_lengths:
                 key_lengths = self._key_lengths(
                     raw, attention_mask, (tuple(raw.shape), raw.dtype, raw.device, raw.data_ptr(),
@@ -352,9 +359,17 @@ class FusedAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        # (B, heads, N, head_dim), laid out (B, N, heads, head_dim): the reshape below is free
-        hidden_states, _ = attention_op(query, key, value, key_lengths=key_lengths,
-                                        attn_mask=attention_mask, scale=attn.scale)
+        reason, warn = _why_not_fused(query, key, value, stock_mask, 0.0, False, attn.scale, False)
+        if reason is None:
+            # (B, heads, N, head_dim), laid out (B, N, heads, head_dim): the reshape below is free
+            hidden_states, _ = attention_op(query, key, value, key_lengths=key_lengths,
+                                            attn_mask=attention_mask, scale=attn.scale)
+        else:  # AttnProcessor2_0's call, where the kernel cannot run (head dim > 256, float64, ...)
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=stock_mask,
+                                                           scale=attn.scale)
+            if warn:
+                warn_fallback(f"FusedAttnProcessor: {reason}",
+                              "torch's scaled_dot_product_attention")
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 

@@ -27,7 +27,8 @@ def key_lengths_from_mask(mask: Tensor) -> Optional[Tensor]:
     a finite bias on every key leaves the softmax unchanged, which key_lengths 0 would not.
     Reads one bool back from the device.
     """
-    if mask.dim() < 1 or mask.shape[0] == 0:
+    if (mask.dim() < 1 or mask.shape[0] == 0 or mask.device.type == "meta"  # meta: no data
+            or torch._C._are_functorch_transforms_active()):  # vmap: no single value to read
         return None
     B, S = mask.shape[0], mask.shape[-1]
     rows = mask.reshape(B, -1, S)

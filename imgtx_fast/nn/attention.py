@@ -14,8 +14,10 @@ itself and reads no mask.
 
 need_weights=True (torch's default) needs the (L, S) weights, which the fused kernel never
 builds; that call, dropout in training mode, and inputs the kernel cannot take (float64, head
-dim > 256, a mask that requires grad, ...) run torch's implementation, with a warning once per
-reason. Calls torch rejects raise torch's own errors.
+dim > 256, a mask that requires grad, tensors on other devices, ...) run torch's
+implementation, with a warning once per reason. Calls torch rejects raise torch's own errors.
+The fused path follows torch.autocast as torch's does, and runs on meta tensors (a module
+built under torch.device("meta") infers shapes) and under torch.func transforms.
 
 The Image Transformer local attention layers live in local_attention.py and are re-exported
 here.
@@ -32,7 +34,7 @@ from torch import Tensor
 from .._dtypes import FLOAT_CODES
 from ..ops.fused_attention import attention_op
 from ._masks import key_lengths_from_mask
-from .functional import warn_fallback
+from .functional import KERNEL_DEVICES, warn_fallback
 from .local_attention import KVCache, LocalAttention1d, LocalAttention2d
 
 __all__ = ["KVCache", "LocalAttention1d", "LocalAttention2d", "MultiheadAttention"]
@@ -112,6 +114,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not (query.dtype == key.dtype == value.dtype) or not (
                 query.device == key.device == value.device):
             return "query, key and value differ in dtype or device", True
+        if query.device.type not in KERNEL_DEVICES:
+            return f"tensors on {query.device.type}", True
         if self.embed_dim // self.num_heads > _MAX_HEAD_DIM:
             return f"head dim above {_MAX_HEAD_DIM}", True
         batched = query.dim() == 3

@@ -17,7 +17,13 @@ Calls the fused op cannot serve, but torch can -- dropout_p > 0, an attn_mask th
 grad, float64, head dims above 256, batch dims that broadcast, empty tensors -- run torch's
 own function, with a warning (once per reason) saying why. Calls torch rejects are passed to
 torch too, so they raise torch's own error; two errors torch documents but its CPU flash kernel
-skips (attn_mask with is_causal, key and value of different lengths) are raised here.
+skips (attn_mask with is_causal, key and value of different lengths) are raised here, and an
+attn_mask of fewer than 2 dims raises IndexError as in torch, with a message naming it.
+
+As torch's function, it follows torch.autocast (SDPA is a lower-precision op on CPU and CUDA:
+float32 inputs are computed and returned in the autocast dtype), runs on meta tensors (shapes
+and dtypes only, for deferred init and shape inference) and under torch.func transforms
+(grad, jacrev, vmap; double backward too).
 """
 import warnings
 from typing import Optional, Tuple
@@ -33,7 +39,10 @@ from ..ops.fused_attention import attention_op
 __all__ = ["scaled_dot_product_attention"]
 
 _MAX_HEAD_DIM = 256
+# where the fused op runs: its kernels, or on meta tensors its fake impl (shapes only)
+KERNEL_DEVICES = ("cpu", "cuda", "meta")
 _warned = set()
+_MASK_SHAPE = "attn_mask that does not broadcast to (..., L, S)"
 
 
 def warn_fallback(reason: str, what: str = "torch's implementation") -> None:
@@ -62,6 +71,9 @@ def _why_not_fused(query, key, value, attn_mask, dropout_p, is_causal, scale,
     if is_causal is True and attn_mask is not None:
         raise RuntimeError("scaled_dot_product_attention: Explicit attn_mask should not be set "
                            "when is_causal=True")
+    if isinstance(attn_mask, Tensor) and attn_mask.dim() < 2:  # torch: IndexError, unnamed
+        raise IndexError(f"scaled_dot_product_attention: attn_mask must have at least 2 dims "
+                         f"(..., L, S), got shape {tuple(attn_mask.shape)}")
     if key.dim() >= 2 and value.dim() >= 2 and key.shape[-2] != value.shape[-2]:
         raise RuntimeError(f"scaled_dot_product_attention: key and value must have the same "
                            f"sequence length, got {key.shape[-2]} and {value.shape[-2]}")
@@ -76,6 +88,8 @@ def _why_not_fused(query, key, value, attn_mask, dropout_p, is_causal, scale,
         return "query, key and value differ in dtype or device", False
     if query.dtype not in FLOAT_CODES:
         return f"dtype {query.dtype} (the kernel takes float32, float16 and bfloat16)", True
+    if query.device.type not in KERNEL_DEVICES:
+        return f"tensors on {query.device.type}", True
     if query.dim() < 2 or not (query.dim() == key.dim() == value.dim()):
         return "query, key and value of different ranks (broadcast batch dims)", True
     (qb, hq), (kb, hk), (vb, hv) = _heads_view(query), _heads_view(key), _heads_view(value)
@@ -105,7 +119,7 @@ def _why_not_fused(query, key, value, attn_mask, dropout_p, is_causal, scale,
         except RuntimeError:
             ok = False
         if not ok:
-            return "attn_mask that does not broadcast to (..., L, S)", True
+            return _MASK_SHAPE, True
     return None, False
 
 
@@ -118,9 +132,17 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     reason, warn = _why_not_fused(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                   enable_gqa)
     if reason is not None:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
-                                             dropout_p=dropout_p, is_causal=is_causal,
-                                             scale=scale, enable_gqa=enable_gqa)
+        try:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
+                                                 dropout_p=dropout_p, is_causal=is_causal,
+                                                 scale=scale, enable_gqa=enable_gqa)
+        except RuntimeError as e:
+            if reason != _MASK_SHAPE or type(e) is not RuntimeError:
+                raise
+            # torch's error, with the argument named (torch's message names no argument)
+            raise RuntimeError(f"scaled_dot_product_attention: attn_mask of shape "
+                               f"{tuple(attn_mask.shape)} does not broadcast to (..., L, S) = "
+                               f"{tuple(query.shape[:-1]) + (key.shape[-2],)}: {e}") from e
         if warn:  # only once torch has accepted the call: a call torch rejects raised above
             warn_fallback(reason)
         return out

@@ -29,7 +29,11 @@ class CodebookLookup(NamedTuple):
 assert CodebookLookup._fields == _array_codebook.CodebookLookup._fields
 
 
-def _check(z: Tensor, codebook: Tensor, metric: str) -> None:
+def _check(z: Tensor, codebook: Tensor, metric: str, kernel_device: bool = True) -> None:
+    """Every argument the kernels read: the public function's, the raw op's and its fake impl's
+    check (kernel_device=False there: meta tensors have shapes, no data). Strides are free: z's
+    leading dims are viewed as two levels or copied (two_level_rows), the codebook's taken as
+    they are."""
     if not isinstance(z, Tensor):
         raise TypeError(f"{_OP}: z must be a torch.Tensor, got {type(z).__name__}")
     if not isinstance(codebook, Tensor):
@@ -42,7 +46,7 @@ def _check(z: Tensor, codebook: Tensor, metric: str) -> None:
     check_metric_and_shapes(metric, z.shape, codebook.shape)
     if z.device != codebook.device:
         raise ValueError(f"{_OP}: z and codebook must be on the same device; z is on {z.device}, codebook on {codebook.device}")
-    if z.device.type not in ("cpu", "cuda"):
+    if kernel_device and z.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{_OP}: z and codebook must be on a cpu or cuda device, got {z.device}")
 
 
@@ -81,7 +85,7 @@ def _lookup(z: Tensor, codebook: Tensor, metric: str) -> Tuple[Tensor, Tensor, T
 
 @_codebook_lookup_op.register_fake
 def _(z, codebook, metric):
-    _check(z, codebook, metric)
+    _check(z, codebook, metric, kernel_device=False)
     lead = z.shape[:-1]
     return (torch.empty_like(z, memory_format=torch.contiguous_format),
             z.new_empty(lead, dtype=torch.float32), z.new_empty(lead, dtype=torch.int64),
@@ -138,8 +142,11 @@ def codebook_lookup(z: Tensor, codebook: Tensor, *, metric: str = "l2", return_s
     quantized passes gradients straight through to z; sqdist is differentiable in z and in
     the codebook. Uses the plain-PyTorch reference when imgtx_fast.set_backend('reference').
     """
-    _check(z, codebook, metric)  # before the dispatcher, so even a non-tensor gets our message
-    if get_backend() == "reference":
+    # Meta tensors (deferred init, shape inference) take the op, whose meta kernel is the fake
+    # impl: the right shapes and dtypes, no data read.
+    meta = isinstance(z, Tensor) and z.device.type == "meta"
+    _check(z, codebook, metric, kernel_device=not meta)  # before the dispatcher: our messages
+    if get_backend() == "reference" and not meta:
         out = CodebookLookup(*_reference.codebook_lookup_differentiable(z, codebook, metric))
     else:
         run = _lookup if eager_fast_path(z, codebook) else torch.ops.imgtx.codebook_lookup

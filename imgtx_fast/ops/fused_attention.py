@@ -225,12 +225,94 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, key_lengths, attn_mask = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.imgtx.attention_backward(grad_out, grad_lse, q, k, v, out, lse,
-                                                    key_lengths, attn_mask, *ctx.args)
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, torch.func transforms): the backward formulas in
+        # torch ops, which autograd can differentiate again; the kernel's backward cannot be
+        dq, dk, dv = _reference_backward(grad_out, grad_lse, q, k, v, out, key_lengths, attn_mask,
+                                         *ctx.args)
+    else:
+        dq, dk, dv = torch.ops.imgtx.attention_backward(grad_out, grad_lse, q, k, v, out, lse,
+                                                        key_lengths, attn_mask, *ctx.args)
     return dq, dk, dv, None, None, None, None, None
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _FunctorchAttention(torch.autograd.Function):
+    """attention_forward with the op's own autograd, for torch.func transforms (grad, jacrev,
+    vmap): the autograd.Function that torch.library builds for a custom op has no
+    setup_context, which functorch requires. The forward under vmap takes the op's vmap rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale):
+        return torch.ops.imgtx.attention_forward(q, k, v, key_lengths, attn_mask, pattern,
+                                                 causal_offset, scale)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def _fold(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
+    """t (..., B, ...) with its vmapped dim `dim` (None: not vmapped, broadcast) folded into its
+    batch dim: (size * B, ...)."""
+    if t is None:
+        return None
+    t = t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+    return t.reshape(size * t.shape[1], *t.shape[2:])
+
+
+def _vmap_rule(op, n_tensors: int):
+    """The vmap rule of an attention op whose first n_tensors arguments are (B, ...) tensors or
+    None: every batch of the vmapped dim is one more batch entry of a single op call."""
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        folded = [_fold(t, d, size) for t, d in zip(args[:n_tensors], in_dims[:n_tensors])]
+        outs = op(*folded, *args[n_tensors:])
+        return tuple(o.unflatten(0, (size, -1)) for o in outs), (0,) * len(outs)
+    return rule
+
+
+attention_forward.register_vmap(_vmap_rule(torch.ops.imgtx.attention_forward, 5))
+attention_backward.register_vmap(_vmap_rule(torch.ops.imgtx.attention_backward, 9))
+
+
+def _autocast_inputs(device_type: str, args):
+    """args as torch's autocast casts a lower-precision op's inputs (SDPA is one, on CPU and
+    CUDA): floating tensors of that device to the autocast dtype, float64 excepted; args
+    unchanged when autocast is off there."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return args
+    return torch.amp.autocast_mode._cast(args, device_type, torch.get_autocast_dtype(device_type))
+
+
+_AUTOCAST_LIB = torch.library.Library("imgtx", "FRAGMENT")
+
+
+def _register_autocast(op, device_type: str) -> None:
+    """torch.library.register_autocast with the dtype read when the op runs (register_autocast
+    fixes one dtype; torch's own ops follow torch.autocast(dtype=...))."""
+    key = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}[device_type]
+    exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(keyset, *args):
+        args = _autocast_inputs(device_type, args)  # before the guard: it turns autocast off
+        with torch._C._ExcludeDispatchKeyGuard(exclude):
+            return op(*args)
+
+    _AUTOCAST_LIB.impl(op._name.split("::")[1], kernel, key, with_keyset=True)
+
+
+for _op in (torch.ops.imgtx.attention_forward.default, torch.ops.imgtx.attention_backward.default):
+    for _device_type in ("cpu", "cuda"):
+        _register_autocast(_op, _device_type)
+
+
+def _on_meta(t) -> bool:
+    """Meta tensors (deferred init, shape inference) run the op's fake impl: shapes, no data."""
+    return isinstance(t, Tensor) and t.device.type == "meta"
 
 
 def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
@@ -246,7 +328,7 @@ def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
         raise TypeError(f"{_OP}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{_OP}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type not in ("cpu", "cuda"):  # meta tensors have no data for the kernels
+    if q.device.type not in ("cpu", "cuda") and not _on_meta(q):  # no data for the kernels
         raise ValueError(f"{_OP}: q, k and v must be on a cpu or cuda device, got {q.device}")
     check_shapes(q.shape, k.shape, v.shape, pattern)
     B, H, Nq, _ = q.shape
@@ -261,6 +343,7 @@ def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
         # Values are data: read them in eager mode on the CPU only (the CPU kernel checks them
         # again; on CUDA a read would synchronise every call, and the kernels clamp them).
         if (key_lengths.device.type == "cpu" and not torch.compiler.is_compiling() and key_lengths.numel()
+                and not torch._C._are_functorch_transforms_active()  # vmap: no values to read
                 and (int(key_lengths.min()) < 0 or int(key_lengths.max()) > Nk)):
             raise ValueError(f"{_OP}: key_lengths must be in [0, {Nk}], got values in "
                              f"[{int(key_lengths.min())}, {int(key_lengths.max())}]")
@@ -297,6 +380,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, *, causal_offset: Optional[int
         causal_offset = check_int(causal_offset, "causal_offset", _OP)
         if pattern is not None:
             raise ValueError(f"{_OP}: a pattern carries its own causality; pass causal_offset=None with it")
+    q, k, v, attn_mask = _autocast_inputs(q.device.type, (q, k, v, attn_mask))
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if attn_mask is not None:
@@ -305,7 +389,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, *, causal_offset: Optional[int
         key_lengths = key_lengths.to(torch.int64).contiguous()
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     offset = _NO_CAUSAL if causal_offset is None else causal_offset
-    if get_backend() == "reference":  # the plain-PyTorch twin (dense mask), differentiable
+    if get_backend() == "reference" and not _on_meta(q):  # the plain-PyTorch twin, differentiable
         out, lse = _reference.attention(q, k, v, key_lengths=key_lengths,
                                         attn_mask=_reference_mask(q, k, attn_mask, offset),
                                         pattern=pattern, scale=scale, return_lse=True)
@@ -313,6 +397,8 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, *, causal_offset: Optional[int
     args = (q, k, v, key_lengths, attn_mask, pattern_args(pattern), offset, scale)
     if eager_fast_path(q, k, v, key_lengths, attn_mask):
         return _forward_impl(*args)
+    if torch._C._are_functorch_transforms_active():
+        return _FunctorchAttention.apply(*args)
     return torch.ops.imgtx.attention_forward(*args)
 
 

@@ -51,8 +51,30 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               key_lengths: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
               pattern=None, scale: Optional[float] = None, return_lse: bool = False,
               return_probs: bool = False):
-    """q (B, H, Nq, D), k/v (B, Hkv, Nk, D) with Hkv dividing H; computed in q's dtype.
+    """q (B, H, Nq, D), k/v (B, Hkv, Nk, D) with Hkv dividing H; computed in q's dtype (float32
+    for float16/bfloat16 inputs, as the kernels accumulate), autocast off; the output (or the
+    probabilities) in q's dtype, the lse in float32 for half inputs (the kernels' dtypes).
     return_probs=True returns the (B, H, Nq, Nk) probabilities in place of the output."""
+    kwargs = dict(causal=causal, key_lengths=key_lengths, attn_mask=attn_mask, pattern=pattern,
+                  scale=scale, return_lse=return_lse, return_probs=return_probs)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        # LSE_EMPTY and the logits' range need float32; the result comes back in q's dtype
+        if attn_mask is not None and attn_mask.is_floating_point():
+            kwargs["attn_mask"] = attn_mask.float()
+        res = attention(q.float(), k.float(), v.float(), **kwargs)
+        if return_lse:
+            return res[0].to(q.dtype), res[1]
+        return res.to(q.dtype)
+    if q.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(q.device.type):
+        # the caller chose the dtype (attention_op casts as autocast says): compute in it
+        with torch.autocast(q.device.type, enabled=False):
+            return attention(q, k, v, **kwargs)
+    return _attention(q, k, v, **kwargs)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, *, causal, key_lengths, attn_mask, pattern,
+               scale, return_lse, return_probs):
+    """attention() in q's dtype, autocast off."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     if H != Hkv:
