@@ -78,3 +78,16 @@ def test_dispatch_modes_still_see_the_ops():
     for op in ("mr_posterior_sample", "mr_posterior_log_probs", "mr_q_sample", "codebook_lookup",
                "attention_forward"):
         assert any(op in s for s in seen), op
+
+
+@pytest.mark.parametrize("missing", ["_len_torch_dispatch_stack", "_functorch.peek_interpreter_stack"])
+def test_a_torch_without_a_private_api_takes_the_registered_op(missing, monkeypatch):
+    """The fast path's check reads private torch APIs; a torch release without one of them runs
+    every call through the registered op (the public path), with the same results."""
+    want = {name: as_tuple(fn()) for name, fn in calls().items()}
+    owner, attr = (torch._C._functorch, "peek_interpreter_stack") if "." in missing else (torch._C, missing)
+    monkeypatch.delattr(owner, attr)
+    assert not _launch.eager_fast_path(torch.randn(3))
+    for name, fn in calls().items():
+        for a, b in zip(as_tuple(fn()), want[name]):
+            assert torch.equal(a, b), name

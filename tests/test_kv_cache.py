@@ -1,5 +1,5 @@
 """KVCache across samples (reset, then another batch size / dtype / device) and under autograd
-(inference-only: a clear error at the first cached call, not an in-place error in backward).
+(inference-only: backward through a cached call raises a clear error, not an in-place one).
 
 Cached decoding is checked against the full sequence in float64: the layer's projections around
 the reference attention."""
@@ -102,24 +102,26 @@ def test_mismatch_without_reset_says_reset_and_reset_fixes_it():
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_cached_call_under_autograd_raises_clearly(name):
+@pytest.mark.parametrize("input_grad", [False, True])
+@pytest.mark.parametrize("max_length", [None, 64])  # grown by reallocation / written in place
+def test_backward_through_the_cache_raises_clearly(name, input_grad, max_length):
+    """Cached calls run under grad mode (forward only, as before); backward through them raises
+    the cache's own error, not autograd's in-place one, however many steps the loss spans."""
     torch.manual_seed(9)
     layer = LAYERS[name]()
-    x = torch.randn(2, 4, 16)
-    cache = KVCache()
-    with pytest.raises(RuntimeError, match="inference-only.*torch.no_grad"):
-        layer(x, cache)  # the parameters require grad
-    assert cache.length == 0 and cache.k is None
-    layer.requires_grad_(False)
-    with pytest.raises(RuntimeError, match="inference-only"):
-        layer(x.clone().requires_grad_(), cache)  # an input that requires grad
-    assert layer(x, cache).shape == x.shape  # nothing requires grad: runs
-    cache.reset()
-    layer.requires_grad_(True)
+    layer.requires_grad_(not input_grad)
+    x = torch.randn(2, _length(layer), 16, requires_grad=input_grad)
+    order = _order(layer, x.shape[1])
     with torch.no_grad():
-        assert layer(x, cache).shape == x.shape
-    with torch.inference_mode():
-        assert layer(x, KVCache()).shape == x.shape
+        want = _decode(layer, x.detach(), KVCache())[:, order]
+    cache, outs = KVCache(max_length), []
+    for i in range(0, 9, 3):  # grad mode on
+        outs.append(layer(x[:, order][:, i:i + 3], cache))
+    assert all(o.requires_grad for o in outs)
+    torch.testing.assert_close(torch.cat(outs, 1), want[:, :9], atol=1e-6, rtol=1e-6)
+    for loss in (outs[-1].sum(), torch.cat(outs, 1).square().sum()):
+        with pytest.raises(RuntimeError, match="KVCache is inference-only.*torch.no_grad"):
+            loss.backward(retain_graph=True)
 
 
 def test_training_runs_the_full_sequence_without_a_cache():

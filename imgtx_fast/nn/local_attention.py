@@ -45,9 +45,10 @@ class KVCache:
     through the current query tile's `window` and `store` each finished tile at its raster slots.
 
     Inference only, like Hugging Face's caches: appends write into preallocated buffers in
-    place, which autograd cannot differentiate through. A cached call whose keys/values require
-    grad (grad mode on) raises; sample under torch.no_grad() or torch.inference_mode(), and train
-    with one full-sequence forward without a cache.
+    place, which autograd cannot differentiate through. A cached layer call runs under grad
+    mode too, but backward through its output raises a clear error (instead of autograd's
+    in-place one); sample under torch.no_grad() or torch.inference_mode(), and train with one
+    full-sequence forward without a cache.
     """
 
     def __init__(self, max_length: Optional[int] = None):
@@ -75,11 +76,6 @@ class KVCache:
         if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
             raise ValueError(f"KVCache: k and v must be (B, heads, n, head_dim) with the same "
                              f"(B, heads, n), got {tuple(k.shape)} and {tuple(v.shape)}")
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            raise RuntimeError("KVCache is inference-only: its buffers are written in place, so "
-                               "autograd cannot run backward through cached attention. Sample "
-                               "under torch.no_grad() or torch.inference_mode(); to train, call "
-                               "the layer on the whole sequence without a cache")
         end = self.length + k.shape[2]
         if self.max_length is not None and end > self.max_length:
             raise ValueError(f"KVCache: {end} positions exceed max_length={self.max_length}")
@@ -153,6 +149,24 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+class _NoBackwardThroughCache(torch.autograd.Function):
+    """The identity, whose backward raises: a KVCache's buffers are written in place after the
+    attention read them, so autograd could only fail there with an opaque in-place error. The
+    only path from a cached call's output back to the cache runs through this node, so its
+    error comes first."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor) -> Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        raise RuntimeError("KVCache is inference-only: its buffers are written in place, so "
+                           "autograd cannot run backward through cached attention. Sample under "
+                           "torch.no_grad() or torch.inference_mode(); to train, call the layer "
+                           "on the whole sequence without a cache")
+
+
 class _LocalAttention(nn.Module):
     """qkv projection -> imgtx_fast.attention(pattern=self.pattern) -> output projection."""
 
@@ -188,6 +202,8 @@ class _LocalAttention(nn.Module):
             raise ValueError(f"{type(self).__name__}: a KV cache needs a causal pattern")
         else:
             out = self._decode(q, k, v, cache)
+            if out.requires_grad:
+                out = _NoBackwardThroughCache.apply(out)
         return self.out_proj(out.transpose(1, 2).reshape(B, n, E))
 
     def _decode(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:

@@ -60,15 +60,25 @@ def two_level_rows(t: torch.Tensor):
     return (t,) + rows
 
 
+def _transform_or_mode_active() -> bool:
+    """Whether a functorch transform (vmap, grad) or a torch_dispatch mode (FlopCounterMode, ...)
+    is active: they must see the registered op. Only private torch APIs answer this cheaply;
+    where a torch release lacks one, the answer is "active", so calls take the registered op
+    (the public path) instead of failing."""
+    try:
+        return (torch._C._functorch.peek_interpreter_stack() is not None
+                or torch._C._len_torch_dispatch_stack() > 0)
+    except AttributeError:
+        return True
+
+
 def eager_fast_path(*tensors) -> bool:
     """Whether a public function may call its op's implementation directly instead of the
     registered custom op: plain CPU tensors (None allowed), no autograd, no torch.compile,
     tracing, functorch transform or dispatch mode. The custom-op dispatcher costs ~40 us per
     call, as much as the kernel of a small call (a decoding step of a small layer, a sampling
     step of a few tokens)."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch._C._functorch.peek_interpreter_stack() is not None
-            or torch._C._len_torch_dispatch_stack() > 0):  # e.g. FlopCounterMode sees the op
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _transform_or_mode_active():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
