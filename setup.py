@@ -63,6 +63,14 @@ def tool(module, attr, name):
 
 
 class CMakeBuild(build_ext):
+    def run(self):
+        super().run()
+        if not simt_setting() and not self.inplace:
+            # build_lib outlives a build: an earlier IMGTX_FAST_SIMT=1 build's module would be
+            # installed (or put in a wheel) with this one
+            for stale in Path(self.build_lib, "imgtx_fast").glob("_C_simt.*"):
+                stale.unlink()
+
     def build_extension(self, ext):
         import pybind11
 

@@ -45,6 +45,13 @@ if [ -n "$vendored" ]; then
   echo "$vendored" >&2
   exit 1
 fi
+# The one compiled file a release carries: a leftover of another build must not ride along.
+binaries="$("$PY" -m zipfile -l "$wheel" | awk '$1 ~ /\.so(\.|$)/ {print $1}')"
+if ! [[ "$binaries" =~ ^imgtx_fast/_C\.cpython-[^/[:space:]]*\.so$ ]]; then
+  echo "build_wheel.sh: the wheel must hold one compiled file, imgtx_fast/_C; it holds:" >&2
+  echo "${binaries:-(none)}" >&2
+  exit 1
+fi
 case "$(basename "$wheel")" in
   *"$tag"*) ;;
   *) echo "build_wheel.sh: $(basename "$wheel") is not tagged $tag" >&2; exit 1 ;;
