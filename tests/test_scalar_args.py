@@ -159,6 +159,27 @@ def test_bad_truncation_or_guidance_names_the_argument(name, bad):
     assert str(numpy_err.value) == str(torch_err.value)
 
 
+@pytest.mark.parametrize("make", [MaskAndReplaceSchedule, itx.MaskAndReplaceSchedule],
+                         ids=["torch", "numpy"])
+def test_schedule_sizes_take_numpy_integers_in_both_front_ends(make):
+    got = make(num_classes=np.int64(K), num_timesteps=np.int32(T))
+    want = make(num_classes=K, num_timesteps=T)
+    assert (got.num_classes, got.num_timesteps) == (K, T) and type(got.num_classes) is int
+    np.testing.assert_array_equal(np.asarray(got.table), np.asarray(want.table))
+    for bad in (5.0, np.float32(5), True, "5"):
+        with pytest.raises(ValueError, match="num_classes must be an int"):
+            make(num_classes=bad)
+
+
+def test_kv_cache_max_length_takes_numpy_integers():
+    from imgtx_fast.nn import KVCache
+
+    cache = KVCache(max_length=np.int64(8))
+    assert cache.max_length == 8 and type(cache.max_length) is int
+    with pytest.raises(ValueError, match="max_length"):
+        KVCache(max_length=np.float32(8))
+
+
 def test_numpy_set_num_threads_takes_numpy_integers():
     before = itx.get_num_threads()
     try:

@@ -7,6 +7,7 @@ tensors (tests/test_numpy_frontend.py asserts the two tables are bitwise equal).
 import numpy as np
 
 from .. import _C
+from .common import int_scalar
 
 _NAMES = ("alpha_cum_start", "alpha_cum_end", "gamma_cum_start", "gamma_cum_end")
 _OWNER = "MaskAndReplaceSchedule"
@@ -23,18 +24,18 @@ class MaskAndReplaceSchedule:
     def __init__(self, num_classes: int, num_timesteps: int = 100, *,
                  alpha_cum_start: float = 0.99999, alpha_cum_end: float = 0.000009,
                  gamma_cum_start: float = 0.000009, gamma_cum_end: float = 0.99999):
-        if not isinstance(num_classes, int) or num_classes < 1:
+        K, T = int_scalar(num_classes), int_scalar(num_timesteps)  # numpy integers too
+        if K is None or K < 1:
             raise ValueError(f"{_OWNER}: num_classes must be an int >= 1, got {num_classes!r}")
-        if num_classes > 2**30:
+        if K > 2**30:
             raise ValueError(f"{_OWNER}: num_classes must be <= 2^30, got {num_classes}")
-        if not isinstance(num_timesteps, int) or num_timesteps < 2:
+        if T is None or T < 2:
             raise ValueError(f"{_OWNER}: num_timesteps must be an int >= 2, got {num_timesteps!r}")
         values = (alpha_cum_start, alpha_cum_end, gamma_cum_start, gamma_cum_end)
         for name, v in zip(_NAMES, values):
             if not 0.0 <= float(v) <= 1.0:
                 raise ValueError(f"{_OWNER}: {name} must be in [0, 1], got {v}")
-        self.num_classes = K = num_classes
-        self.num_timesteps = T = num_timesteps
+        self.num_classes, self.num_timesteps = K, T
         self.config = dict(zip(_NAMES, map(float, values)))
         frac = np.arange(T, dtype=np.float64) / (T - 1)
         A = alpha_cum_start + frac * (alpha_cum_end - alpha_cum_start)

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .._frontend.common import int_scalar
 from ..ops.fused_attention import attention
 from ..patterns import Local1d, Local2d
 
@@ -52,10 +53,9 @@ class KVCache:
     """
 
     def __init__(self, max_length: Optional[int] = None):
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                       or max_length <= 0):
+        if max_length is not None and (int_scalar(max_length) is None or int_scalar(max_length) <= 0):
             raise ValueError(f"KVCache: max_length must be a positive int or None, got {max_length!r}")
-        self.max_length = max_length
+        self.max_length = None if max_length is None else int_scalar(max_length)  # numpy ints too
         self.k: Optional[Tensor] = None
         self.v: Optional[Tensor] = None
         self.length = 0
