@@ -19,12 +19,20 @@ no DDP wrapper). The pieces:
   returns the loss per step averaged over ranks.
 - `all_reduce_mean()`, `save_on_rank0()`.
 
+Checkpoints: `train_diffusion_ddp(checkpoint_path=..., checkpoint_every=n)` writes (rank 0,
+atomically) everything the next step depends on: the step count, model, AdamW and learning-rate
+schedule states, the importance sampler's statistics, the data generator and every rank's noise
+generator, and the losses so far. `resume_from=` continues such a run: its losses, parameters
+and sampled timesteps are those of the uninterrupted run, bit for bit. `stop_at=` ends a run
+early (the schedule still spans `steps`), e.g. to split it across jobs.
+
 Randomness per rank: the data order comes from the shared seed; t, the forward noise and the
 condition dropout come from a generator seeded with (seed, rank), so ranks draw independent
 noise. DDP broadcasts rank 0's parameters when it wraps the model, so every rank starts from
 rank 0's initialisation whatever its own seed.
 """
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -104,6 +112,10 @@ def init_distributed(backend: Optional[str] = None, device: Optional[str] = None
 def teardown(ctx: DistContext) -> None:
     """Destroy the process group if `init_distributed` created it."""
     if ctx.owns_group and dist.is_available() and dist.is_initialized():
+        # DDP wrappers sit in reference cycles: collected only at interpreter exit, after the
+        # group is gone, they abort the process there ("terminate called without an active
+        # exception", seen after several train_diffusion_ddp calls). Free them while it exists.
+        gc.collect()
         dist.destroy_process_group()
         ctx.owns_group = False
 
@@ -172,10 +184,54 @@ class DistributedTimestepSampler(TimestepSampler):
         super().update(t, per_sample_loss)
 
 
+def _all_rng_states(g: torch.Generator, ctx: DistContext) -> List[Tensor]:
+    """Every rank's state of its generator `g`, in rank order (a collective: all ranks call)."""
+    state = g.get_state()
+    if not ctx.distributed:
+        return [state]
+    states: List[Optional[Tensor]] = [None] * ctx.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+# The arguments a resumed run must share with the run that wrote the checkpoint.
+_RUN_KEYS = ("steps", "global_batch", "lr", "seed", "importance_sampling", "warmup", "world_size")
+
+
+def _save_training_state(path: str, ctx: DistContext, run: dict, step: int, model, opt, lr_sched,
+                         sampler, data_g: torch.Generator, noise_g: torch.Generator,
+                         losses: List[float]) -> None:
+    noise = _all_rng_states(noise_g, ctx)
+    if ctx.is_main:
+        state = {"run": run, "step": step, "model": getattr(model, "module", model).state_dict(),
+                 "optimizer": opt.state_dict(), "lr_schedule": lr_sched.state_dict(),
+                 "sampler": None if sampler is None else sampler.state_dict(),
+                 "data_rng": data_g.get_state(), "noise_rng": noise, "losses": list(losses)}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a crash while writing leaves the previous checkpoint intact
+    barrier(ctx)
+
+
+def _load_training_state(path: str, ctx: DistContext, run: dict) -> dict:
+    op = "train_diffusion_ddp"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "run" not in state:
+        raise ValueError(f"{op}: {path} is not a training checkpoint of train_diffusion_ddp")
+    differ = {k: (state["run"].get(k), run[k]) for k in _RUN_KEYS if state["run"].get(k) != run[k]}
+    if differ:
+        raise ValueError(f"{op}: resume_from={path} was written by a run with other arguments "
+                         f"(checkpoint, now): {differ}")
+    return state
+
+
 def train_diffusion_ddp(model: VQDiffusionTransformer, tokens: Tensor, labels: Tensor, ctx: DistContext,
                         steps: int = 800, global_batch: int = 64, lr: float = 1e-3, seed: int = 0,
                         importance_sampling: bool = True, warmup: Optional[int] = None,
-                        log_every: int = 0, log: Callable[[str], None] = print) -> List[float]:
+                        log_every: int = 0, log: Callable[[str], None] = print, *,
+                        checkpoint_path: Optional[str] = None, checkpoint_every: int = 0,
+                        resume_from: Optional[str] = None, stop_at: Optional[int] = None) -> List[float]:
     """Train `model` data-parallel: each rank computes the loss on its shard of every global
     batch through the DDP wrapper (which averages the gradients), then the demo's optimiser
     recipe (AdamW, warmup + cosine, clip at 1; imgtx_fast.training) steps identically everywhere.
@@ -184,23 +240,53 @@ def train_diffusion_ddp(model: VQDiffusionTransformer, tokens: Tensor, labels: T
     Returns the loss per step, averaged over ranks (the loss of the global batch). `log` is
     called on rank 0 only, every `log_every` steps (0: never). The model is left in eval mode
     and unwrapped (the DDP wrapper shares its parameters).
+
+    checkpoint_path / checkpoint_every: write the full training state there every that many
+    steps (0: only when the run ends or stops). resume_from: a checkpoint of a run with the
+    same arguments and world size; training continues after its last step, and the returned
+    losses include the earlier ones. stop_at: stop after this many steps in all.
     """
     from .training import warmup_cosine
 
+    op = "train_diffusion_ddp"
     if len(tokens) != len(labels):
-        raise ValueError(f"train_diffusion_ddp: {len(tokens)} token grids but {len(labels)} labels")
+        raise ValueError(f"{op}: {len(tokens)} token grids but {len(labels)} labels")
+    if checkpoint_every < 0 or (checkpoint_every and checkpoint_path is None):
+        raise ValueError(f"{op}: checkpoint_every must be >= 0 and needs checkpoint_path, got "
+                         f"{checkpoint_every} with checkpoint_path={checkpoint_path!r}")
+    end = steps if stop_at is None else min(int(stop_at), steps)
+    warmup = min(100, steps // 10) if warmup is None else warmup
+    run = dict(steps=steps, global_batch=global_batch, lr=lr, seed=seed,
+               importance_sampling=importance_sampling, warmup=warmup, world_size=ctx.world_size)
+    state = None if resume_from is None else _load_training_state(resume_from, ctx, run)
+    if state is not None:  # before wrap_ddp, which broadcasts rank 0's parameters
+        model.load_state_dict(state["model"])
     data_g = torch.Generator().manual_seed(seed)
     noise_g = torch.Generator(device=ctx.device).manual_seed(noise_seed(seed, ctx.rank))
     network = wrap_ddp(model, ctx)
     sampler = (DistributedTimestepSampler(model.config.num_timesteps, ctx) if importance_sampling
                else None)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    sched = warmup_cosine(opt, steps, warmup=min(100, steps // 10) if warmup is None else warmup)
-    tokens, labels = tokens.to(ctx.device), labels.to(ctx.device)
+    sched = warmup_cosine(opt, steps, warmup=warmup)
     losses: List[float] = []
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_schedule"])
+        if sampler is not None:
+            sampler.load_state_dict(state["sampler"])
+        data_g.set_state(state["data_rng"])
+        noise_g.set_state(state["noise_rng"][ctx.rank])
+        start, losses = int(state["step"]), list(state["losses"])
+
+    def save(done: int) -> None:
+        _save_training_state(checkpoint_path, ctx, run, done, model, opt, sched, sampler,
+                             data_g, noise_g, losses)
+
+    tokens, labels = tokens.to(ctx.device), labels.to(ctx.device)
     model.train()
     try:
-        for step in range(steps):
+        for step in range(start, end):
             idx = shard_indices(data_g, len(tokens), global_batch, ctx.rank, ctx.world_size).to(ctx.device)
             loss = model.training_loss(tokens[idx], labels[idx], sampler, generator=noise_g,
                                        network=network)
@@ -214,6 +300,10 @@ def train_diffusion_ddp(model: VQDiffusionTransformer, tokens: Tensor, labels: T
                 recent = losses[-log_every:]
                 log(f"step {step + 1}/{steps}  loss {losses[-1]:.4f}  "
                     f"(mean of last {len(recent)}: {sum(recent) / len(recent):.4f})")
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < end:
+                save(step + 1)
+        if checkpoint_path is not None:
+            save(max(end, start))
     finally:
         model.eval()
     return losses

@@ -26,16 +26,28 @@ def cumulative_matrix(sched: MaskAndReplaceSchedule, t: int) -> torch.Tensor:
     return Q
 
 
-def posterior_by_bayes(p_x0: torch.Tensor, x_t: int, t: int, sched: MaskAndReplaceSchedule) -> torch.Tensor:
-    """p(x_{t-1} | x_t) = sum_x0 q(x_t | x_{t-1}) q(x_{t-1} | x0) / q(x_t | x0) p(x0 | x_t),
-    normalised, for one token: p_x0 (K,) probabilities, result (K+1,) float64."""
+def jump_matrix(sched: MaskAndReplaceSchedule, t_prev: int, t: int) -> torch.Tensor:
+    """q(x_t | x_{t_prev}) as the product of the one-step matrices t_prev+1 .. t."""
     K = sched.num_classes
+    Q = torch.eye(K + 1, dtype=torch.float64)
+    for s in range(t_prev + 1, t + 1):
+        Q = Q @ one_step_matrix(sched, s)
+    return Q
+
+
+def posterior_by_bayes(p_x0: torch.Tensor, x_t: int, t: int, sched: MaskAndReplaceSchedule,
+                       t_prev=None) -> torch.Tensor:
+    """p(x_{t'} | x_t) = sum_x0 q(x_t | x_{t'}) q(x_{t'} | x0) / q(x_t | x0) p(x0 | x_t),
+    normalised, for one token (t' = t_prev, default t - 1; -1 is x0): p_x0 (K,) probabilities,
+    result (K+1,) float64, with explicit (K+1, K+1) transition matrices."""
+    K = sched.num_classes
+    t_prev = t - 1 if t_prev is None else t_prev
     p = torch.zeros(K + 1, dtype=torch.float64)
     p[:K] = p_x0.double() / p_x0.double().sum()
     if t == 0:
         return p
-    Q1 = one_step_matrix(sched, t)
-    Qprev = cumulative_matrix(sched, t - 1)
+    Q1 = jump_matrix(sched, t_prev, t)
+    Qprev = cumulative_matrix(sched, t_prev)
     Qt = cumulative_matrix(sched, t)
     out = torch.zeros(K + 1, dtype=torch.float64)
     for x0 in range(K):
@@ -68,23 +80,6 @@ def replace_heavy_schedule(K: int, T: int = 10) -> MaskAndReplaceSchedule:
     """A schedule whose 'replace' part is large (the defaults make it ~1e-6 / K)."""
     return MaskAndReplaceSchedule(K, T, alpha_cum_start=0.9, alpha_cum_end=0.2,
                                   gamma_cum_start=0.02, gamma_cum_end=0.5)
-
-
-def truncate_keeping_ties(log_p: torch.Tensor, r: float) -> torch.Tensor:
-    """log_p (B, K, N) in float64 with the classes that top-r drops set to -inf, ties kept
-    together as the kernels keep them: class j stays while the mass strictly above p_j is < r.
-    (The reference's sort, like diffusers', keeps an arbitrary part of a tie, and fp16/bf16
-    logits tie often.) Pass the result with truncation_rate=None to the reference."""
-    lp = log_p.double()
-    p = (lp - lp.amax(1, keepdim=True)).exp()
-    p = p / p.sum(1, keepdim=True)
-    sp, order = p.sort(1, descending=True)
-    excl = sp.cumsum(1) - sp
-    first = torch.ones_like(sp, dtype=torch.bool)  # first class of each run of equal p
-    first[:, 1:] = sp[:, 1:] != sp[:, :-1]
-    above = torch.where(first, excl, torch.zeros_like(excl)).cummax(1).values  # excl is sorted
-    keep = torch.empty_like(first).scatter_(1, order, above < r)
-    return torch.where(keep, lp, torch.tensor(-float("inf"), dtype=torch.float64))
 
 
 def large_logit_case(t: int, guided: bool):

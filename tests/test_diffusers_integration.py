@@ -264,14 +264,50 @@ def test_step_guided_without_uncond():
         assert out.shape == (2, 16)
     with pytest.raises(ValueError, match="model_output_uncond"):
         fast.step_guided(lp, None, 3, x, guidance_scale=2.0)
-    # a rate >= 1 keeps every class (the pipeline accepts any such rate); <= 0 is an error
+    # a rate >= 1 keeps every class (the pipeline accepts any such rate)
     ref = fast.step(lp, 3, x, generator=torch.Generator().manual_seed(0)).prev_sample
     for r in (1.0, 1.5, None):
         out = fast.step_guided(lp, None, 3, x, guidance_scale=None, truncation_rate=r,
                                generator=torch.Generator().manual_seed(0)).prev_sample
         assert torch.equal(out, ref)
-    with pytest.raises(ValueError, match="truncation_rate"):
-        fast.step_guided(lp, None, 3, x, guidance_scale=None, truncation_rate=0.0)
+    # a rate <= 0 (NaN too) keeps only the most likely class, as diffusers' truncate: at t = 0
+    # the sample is then the argmax, whatever the seed
+    top = fast.step_guided(lp, None, 0, x, guidance_scale=None, truncation_rate=0.0,
+                           generator=torch.Generator().manual_seed(0)).prev_sample
+    assert torch.equal(top, lp.argmax(1))
+    zero = fast.step_guided(lp, None, 3, x, guidance_scale=None, truncation_rate=0.0,
+                            generator=torch.Generator().manual_seed(1)).prev_sample
+    for r in (-0.5, float("nan")):
+        out = fast.step_guided(lp, None, 3, x, guidance_scale=None, truncation_rate=r,
+                               generator=torch.Generator().manual_seed(1)).prev_sample
+        assert torch.equal(out, zero), r
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_zero_truncation_rate_keeps_diffusers_top_class(dtype):
+    """truncation_rate = 0 through the whole pipeline sequence: guidance, renormalisation,
+    diffusers' own truncate (which keeps only its first sorted class), clamp, step at t = 0 is
+    deterministic, so fast and stock samples are equal token for token. The logits sit on a
+    coarse grid, so fp16/bf16 (and float32) ties are everywhere: both keep the lowest index."""
+    from imgtx_fast.integrations.diffusers import _VQDiffusionPipeline as pipeline
+
+    if pipeline is None:
+        pytest.skip("diffusers' VQDiffusionPipeline needs transformers")
+    stock = make_stock("wide")
+    fast = FastVQDiffusionScheduler.from_config(stock.config)
+    g = torch.Generator().manual_seed(8)
+    cond = (torch.randint(-3, 2, (2, K, 300), generator=g).float() * 0.5).to(dtype)
+    uncond = (torch.randint(-3, 2, (2, K, 300), generator=g).float() * 0.5).to(dtype)
+    x = torch.full((2, 300), K)
+    for scale in (None, 2.0):
+        guided = cond if scale is None else uncond + scale * (cond - uncond)
+        guided = guided - torch.logsumexp(guided, dim=1, keepdim=True)
+        want = stock.step(pipeline.truncate(None, guided, 0.0).clamp(-70), 0, x,
+                          generator=torch.Generator().manual_seed(0)).prev_sample
+        got = fast.step_guided(cond, uncond, 0, x, guidance_scale=scale, truncation_rate=0.0,
+                               generator=torch.Generator().manual_seed(1)).prev_sample
+        assert torch.equal(got, want), scale
+        assert bool((guided == guided.amax(1, keepdim=True)).sum(1).gt(1).any())  # ties present
 
 
 def test_step_determinism_and_timestep_types():
@@ -493,3 +529,25 @@ def test_fast_pipeline(tiny_pipe):
     out = direct("low", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     _check_images(out.images, 1)
     assert isinstance(direct.scheduler, FastVQDiffusionScheduler)
+
+
+def test_fast_pipeline_zero_truncation_rate_matches_stock(tiny_pipe):
+    """truncation_rate = 0 (diffusers accepts it: keep the most likely class): with one
+    inference step the only step is t = 0, which then samples the argmax, so the fast and the
+    stock pipeline give the same tokens and images for any seed; negative rates act as 0."""
+    fast = fast_pipeline(tiny_pipe)
+    runs = {}
+    for name, pipe, rate, seed in (("stock", tiny_pipe, 0.0, 0), ("fast", fast, 0.0, 1),
+                                   ("negative", fast, -0.3, 2)):
+        seen = []
+        out = pipe("low newer", num_inference_steps=1, guidance_scale=4.0, truncation_rate=rate,
+                   output_type="np", generator=torch.Generator().manual_seed(seed),
+                   callback=lambda i, t, s: seen.append(s.clone()))
+        _check_images(out.images, 1)
+        runs[name] = (seen[-1], out.images)
+    for name in ("fast", "negative"):
+        assert torch.equal(runs[name][0], runs["stock"][0]), name
+        np.testing.assert_allclose(runs[name][1], runs["stock"][1], atol=1e-6)
+    out = fast("low", num_inference_steps=4, guidance_scale=4.0, truncation_rate=0.0,
+               output_type="np", generator=torch.Generator().manual_seed(3))
+    _check_images(out.images, 1)

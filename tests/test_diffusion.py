@@ -160,6 +160,8 @@ def _sample_counts(logp1, x_t_value, t, sched, draws, seed, materialise=False, *
     dict(x_t="mask", t=0), dict(x_t="real", t=0),
     dict(x_t="mask", t=5, r=0.7), dict(x_t="real", t=5, r=0.5), dict(x_t="real", t=0, r=0.6),
     dict(x_t="mask", t=5, s=3.0), dict(x_t="real", t=3, s=2.0, r=0.8),
+    dict(x_t="real", t=0, r=0.0), dict(x_t="mask", t=4, r=0.0), dict(x_t="mask", t=0, tie=True),
+    dict(x_t="real", t=6, tie=True),
 ])
 @pytest.mark.parametrize("heavy,materialise", [(False, False), (True, False), (True, True)])
 def test_sampler_frequencies_match_exact_posterior(case, heavy, materialise, cpu_isa):
@@ -168,6 +170,9 @@ def test_sampler_frequencies_match_exact_posterior(case, heavy, materialise, cpu
     gen = torch.Generator().manual_seed(hash(str(case)) % 1000 + heavy)
     logp1 = (torch.randn(K, generator=gen) * 1.5).log_softmax(0)
     unc = (torch.randn(K, generator=gen) * 1.5).log_softmax(0) if "s" in case else None
+    if case.get("tie"):  # 4 equal classes (0, 2, 3, 5): the rate keeps the first two of them
+        logp1 = torch.tensor([1.0, 0.0, 1.0, 1.0, -1.0, 1.0]).log_softmax(0)
+        case = dict(case, r=1.5 * float(logp1[0].exp()))
     x_t_value = K if case["x_t"] == "mask" else 2
     r, s = case.get("r"), case.get("s")
     kw = dict(truncation_rate=r, guidance_scale=s, unc=unc)
@@ -180,6 +185,8 @@ def test_sampler_frequencies_match_exact_posterior(case, heavy, materialise, cpu
     assert int(counts[probs == 0].sum()) == 0  # impossible classes (truncated at t=0, MASK) never drawn
     if case["t"] == 0:
         assert int(counts[K]) == 0
+    if case.get("tie") and case["t"] == 0:
+        assert int(counts[3]) == int(counts[5]) == 0 < int(counts[0]) and int(counts[2]) > 0
     assert chi_square_pvalue(counts, probs) > P_MIN
 
 
@@ -273,33 +280,75 @@ def test_empty_inputs():
         assert q_sample(x_t, 3, sched).shape == (B, N)
 
 
+def _kept_in_index_order(p: torch.Tensor, r: float) -> torch.Tensor:
+    """diffusers' top-r rule written out per column: classes in descending p, equal p by
+    index, each kept while the mass before it is < r (the first always). p (K, N) float64."""
+    K, N = p.shape
+    keep = torch.zeros(K, N, dtype=torch.bool)
+    for n in range(N):
+        before = 0.0
+        for i, j in enumerate(sorted(range(K), key=lambda j: (-float(p[j, n]), j))):
+            keep[j, n] = i == 0 or before < r
+            before += float(p[j, n])
+    return keep
+
+
 @pytest.mark.parametrize("layout", ["token_contiguous", "class_contiguous"])
 @pytest.mark.parametrize("ties", [1, 2, 3, 5])
-def test_truncation_keeps_tied_classes_together(layout, ties, cpu_isa):
-    """Top-r keeps a class while the mass strictly above it is < r: classes tied with a kept
-    class are kept with it (diffusers' sort keeps an arbitrary part of a tie). 5 ties exceed the
-    token-parallel path's top-4 shortcut, so its bisection finishes the job."""
+def test_truncation_orders_ties_by_index(layout, ties, cpu_isa):
+    """Equal probabilities are ordered by index, as diffusers' sort orders them: where the
+    cut falls inside a group of equal classes, the lowest indices stay. The tied classes are
+    spread over the row, and the rates cut after each of them in turn; r = 0 keeps only the
+    first. 5 ties exceed the token-parallel path's top-4 shortcut, so its bisection finishes."""
     K, N = 20, 40
     sched = MaskAndReplaceSchedule(K, 10)
+    tied = [3 + 4 * i for i in range(ties)]  # 3, 7, 11, ...
     logits = torch.full((1, K, N), -3.0)
-    logits[:, :ties] = 2.0                  # `ties` equal most likely classes
-    logits[:, ties] = 1.0                   # the next one
-    logits[:, :, 7] = torch.linspace(0, 1, K)  # one ordinary token among them
+    logits[:, tied] = 2.0                   # `ties` equal most likely classes
+    logits[:, 1] = 1.0                      # the next one, at a lower index
+    logits[:, :, 8] = torch.linspace(0, 1, K)  # one ordinary token among them
     logp = logits.log_softmax(1)
     if layout == "class_contiguous":
         logp = logp.permute(0, 2, 1).contiguous().permute(0, 2, 1)
     x_t = torch.full((1, N), K)
-    for r in (0.05, 0.5, 0.99):
+    p = logp[0].double().exp()
+    v = float(p[tied[0], 0])
+    rates = [0.0] + [(m + 0.5) * v for m in range(ties)] + [0.5, 0.99]
+    for r in rates:
         got = posterior_log_probs(logp, x_t, 0, sched, truncation_rate=r)
-        want = ref.posterior_log_probs(logp, x_t, sched.coefs(0, 1, "cpu"), truncation_rate=r)
         kept = torch.isfinite(got[0, :K])
-        p = logp[0].double().exp()
-        for n in range(N):
-            col = p[:, n]
-            above = torch.stack([col[col > v].sum() for v in col])
-            assert torch.equal(kept[:, n], above < r), (r, n)
-        untied = [n for n in range(N) if n == 7]
-        assert _tv(got[..., untied].exp(), want[..., untied].exp()) < 1e-6
+        assert torch.equal(kept, _kept_in_index_order(p, r)), r
+        if 0 < r < ties * v:  # the cut is inside the tie: the first ceil(r / v) tied stay
+            assert kept[tied, 0].tolist() == [m < r / v for m in range(ties)], r
+        want = ref.posterior_log_probs(logp, x_t, sched.coefs(0, 1, "cpu"), truncation_rate=r)
+        assert _tv(got.exp(), want.exp()) < 1e-6, r
+        for t in (3, 9):  # the kept set also shapes every later posterior
+            got = posterior_log_probs(logp, x_t, t, sched, truncation_rate=r)
+            want = ref.posterior_log_probs(logp, x_t, sched.coefs(t, 1, "cpu"), truncation_rate=r)
+            assert _tv(got.exp(), want.exp()) < 1e-6, (r, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["token_contiguous", "class_contiguous"])
+def test_truncation_ties_of_half_precision_logits(dtype, layout, cpu_isa):
+    """fp16/bf16 logits on a coarse grid tie often: every rate, r = 0 included, keeps the set
+    of diffusers' rule with ties by index (reference.truncate), token by token."""
+    B, K, N = 2, 37, 150
+    g = torch.Generator().manual_seed(11)
+    logits = (torch.randint(-4, 3, (B, K, N), generator=g).double() * 0.5).to(dtype)
+    if layout == "class_contiguous":
+        logits = logits.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    x_t = torch.randint(0, K + 1, (B, N), generator=g)
+    sched = replace_heavy_schedule(K, 10)
+    p = torch.softmax(logits.double(), 1)
+    for r in (0.0, 0.1, 0.3, 0.6, 0.9):
+        got = posterior_log_probs(logits, x_t, 0, sched, truncation_rate=r)
+        for b in range(B):
+            assert torch.equal(torch.isfinite(got[b, :K]), _kept_in_index_order(p[b], r)), (r, b)
+        for t in (0, 5):
+            got = posterior_log_probs(logits, x_t, t, sched, truncation_rate=r)
+            want = ref.posterior_log_probs(logits, x_t, sched.coefs(t, B, "cpu"), truncation_rate=r)
+            assert _tv(got.exp(), want.exp()) < 1e-6, (r, t)
 
 
 @pytest.mark.parametrize("K", [1, 2, 3, 5])

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from cuda_targets import full_sizes_too, sized_cases, skip_slow_unless_requested, target  # noqa: F401
-from diffusion_helpers import (chi_square_pvalue, large_logit_case, replace_heavy_schedule,
-                               truncate_keeping_ties)
+from diffusion_helpers import chi_square_pvalue, large_logit_case, replace_heavy_schedule
 from imgtx_fast.diffusion import (MaskAndReplaceSchedule, posterior_log_probs, posterior_sample,
                                   q_sample, vb_terms)
 from imgtx_fast.diffusion.sampling import philox_seed
@@ -30,7 +29,7 @@ LOG_PROB_SIZES = {
 }
 
 
-@pytest.mark.parametrize("variant", ["plain", "truncation", "guidance"])
+@pytest.mark.parametrize("variant", ["plain", "truncation", "zero_rate", "guidance"])
 @pytest.mark.parametrize("layout", ["token_contiguous", "class_contiguous", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
@@ -45,28 +44,63 @@ def test_log_probs_vs_reference(target, case, dtype, layout, variant):
     logp = _logits(B, K, N, layout, dtype, gen=g)
     x_t = torch.randint(0, K + 1, (B, N), generator=g)
     t = torch.randint(0, 20, (B,), generator=g)
-    kw = {"plain": dict(), "truncation": dict(truncation_rate=0.7),
+    kw = {"plain": dict(), "truncation": dict(truncation_rate=0.7), "zero_rate": dict(truncation_rate=0.0),
           "guidance": dict(guidance_scale=3.0,
                            log_p_x0_uncond=_logits(B, K, N, layout, dtype, gen=g))}[variant]
     with target.kernels():
         got = posterior_log_probs(target.to(logp), target.to(x_t), target.to(t), sched,
                                   **target.to_kw(kw))
-    if variant == "truncation":  # fp16/bf16 probabilities tie: the oracle keeps ties together
-        want = ref.posterior_log_probs(truncate_keeping_ties(logp, 0.7), x_t, sched.coefs(t, B, "cpu"))
-    else:
-        want = ref.posterior_log_probs(logp, x_t, sched.coefs(t, B, "cpu"),
-                                       log_p_uncond=kw.get("log_p_x0_uncond"),
-                                       guidance_scale=kw.get("guidance_scale"))
+    # fp16/bf16 probabilities tie: the reference orders ties by index, as the kernels
+    want = ref.posterior_log_probs(logp, x_t, sched.coefs(t, B, "cpu"),
+                                   log_p_uncond=kw.get("log_p_x0_uncond"),
+                                   guidance_scale=kw.get("guidance_scale"),
+                                   truncation_rate=kw.get("truncation_rate"))
     assert _tv(got.cpu().exp(), want.exp()) < 1e-6
     if "truncation_rate" in kw and int(t[0]) == 0:
         assert torch.equal(torch.isinf(got.cpu()[0, :K]), want[0, :K].exp() == 0)
 
 
+TIE_SIZES = {"2x37x150": ((2, 37, 150), (2, 37, 40)), "1x300x20": ((1, 300, 20), (1, 300, 6))}
+
+
+@pytest.mark.parametrize("layout", ["token_contiguous", "class_contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("target,case", sized_cases(TIE_SIZES), indirect=["target"])
+def test_truncation_ties_by_index(target, case, dtype, layout):
+    """Logits on a coarse grid tie in every token: the cut often falls inside a group of equal
+    classes, where the kernels keep the lowest indices (the index bisection), and r = 0 keeps
+    the first most likely class; as the reference and the CPU kernels."""
+    from test_diffusion import _kept_in_index_order
+
+    B, K, N = target.pick(*TIE_SIZES[case])
+    g = torch.Generator().manual_seed(K + N)
+    logp = (torch.randint(-4, 3, (B, N, K), generator=g).double() * 0.5).to(dtype)
+    logp = logp.permute(0, 2, 1) if layout == "class_contiguous" else logp.permute(0, 2, 1).contiguous()
+    x_t = torch.randint(0, K + 1, (B, N), generator=g)
+    sched = replace_heavy_schedule(K, 10)
+    p = torch.softmax(logp.double(), 1)
+    for r in (0.0, 0.3, 0.6):
+        for t in (0, 5):
+            tt = torch.full((B,), t)
+            with target.kernels():
+                got = posterior_log_probs(target.to(logp), target.to(x_t), target.to(tt), sched,
+                                          truncation_rate=r).cpu()
+            want = ref.posterior_log_probs(logp, x_t, sched.coefs(tt, B, "cpu"), truncation_rate=r)
+            assert _tv(got.exp(), want.exp()) < 1e-6, (r, t)
+            cpu = posterior_log_probs(logp, x_t, tt, sched, truncation_rate=r)
+            assert _tv(got.exp(), cpu.exp()) < 1e-6, (r, t)
+            if t == 0:
+                for b in range(B):
+                    assert torch.equal(torch.isfinite(got[b, :K]), _kept_in_index_order(p[b], r)), (r, b)
+
+
 @full_sizes_too
 @pytest.mark.parametrize("materialise", [False, True])
 @pytest.mark.parametrize("case", [dict(x=6, t=5), dict(x=2, t=3, r=0.6), dict(x=2, t=0, r=0.8),
-                                  dict(x=6, t=7, s=2.5)],
-                         ids=["masked", "truncation", "truncation_t0", "guidance"])
+                                  dict(x=6, t=7, s=2.5), dict(x=2, t=3, r=0.0),
+                                  dict(x=6, t=0, tie=True)],
+                         ids=["masked", "truncation", "truncation_t0", "guidance", "zero_rate",
+                              "tie_cut"])
 def test_sampler_frequencies(target, case, materialise):
     """Chi-square of the sample frequencies against the exact distribution. The emulator draws
     fewer samples (~0.7 ms per token with truncation): 3000, where every possible class still
@@ -79,6 +113,9 @@ def test_sampler_frequencies(target, case, materialise):
     g = torch.Generator().manual_seed(11)
     l1 = (torch.randn(K, generator=g) * 1.5).log_softmax(0)
     u1 = (torch.randn(K, generator=g) * 1.5).log_softmax(0)
+    if case.get("tie"):  # 4 equal classes (0, 2, 3, 5): the rate keeps the first two of them
+        l1 = torch.tensor([1.0, 0.0, 1.0, 1.0, -1.0, 1.0]).log_softmax(0)
+        case = dict(case, r=1.5 * float(l1[0].exp()))
     # stride-0 token axis (class-fast thread map), or token-contiguous memory (the diffusers
     # layout); the views are taken on the target device
     logp = target.to(l1).view(1, K, 1).expand(1, K, draws)
@@ -97,6 +134,8 @@ def test_sampler_frequencies(target, case, materialise):
                                     guidance_scale=case.get("s"), truncation_rate=case.get("r")).exp().view(-1)
     assert int(counts[probs == 0].sum()) == 0
     assert chi_square_pvalue(counts, probs) > 1e-4
+    if case.get("tie"):
+        assert int(counts[3]) == int(counts[5]) == 0 < int(counts[0]) and int(counts[2]) > 0
 
 
 def test_q_sample_frequencies_and_determinism(target):

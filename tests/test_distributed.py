@@ -53,8 +53,18 @@ def _worker(out: str) -> None:
     g = torch.Generator().manual_seed(ctx.rank)
     for _ in range(3):
         s.update(torch.randint(0, CFG["num_timesteps"], (5,), generator=g), torch.rand(5, generator=g))
+    # stopped after step 3 and resumed (each rank restores its own noise generator)
+    kw = dict(steps=STEPS + 2, global_batch=GLOBAL_BATCH, lr=LR, seed=SEED, warmup=0)
+    whole = _model(100)
+    full = D.train_diffusion_ddp(whole, tokens, labels, ctx, **kw)
+    path = os.path.join(out, "run.pt")
+    D.train_diffusion_ddp(_model(100), tokens, labels, ctx, checkpoint_path=path, stop_at=3, **kw)
+    again = _model(200 + ctx.rank)
+    resumed = D.train_diffusion_ddp(again, tokens, labels, ctx, resume_from=path, **kw)
+    same = all(torch.equal(v, again.state_dict()[k]) for k, v in whole.state_dict().items())
     torch.save({"state": model.state_dict(), "losses": losses, "wrote": wrote, "history": s.history,
-                "count": s.count, "mean": D.all_reduce_mean(float(ctx.rank), ctx)},
+                "count": s.count, "mean": D.all_reduce_mean(float(ctx.rank), ctx),
+                "resume": (full, resumed, same)},
                os.path.join(out, f"rank{ctx.rank}.pt"))
     D.teardown(ctx)
 
@@ -123,6 +133,84 @@ def test_single_process_fallback(monkeypatch, tmp_path):
     D.teardown(ctx)
 
 
+def _single_ctx(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    return D.init_distributed(device="cpu")
+
+
+def test_sampler_state_dict_round_trip():
+    s = D.TimestepSampler(10)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):  # past the uniform phase: every t seen more than 10 times
+        s.update(torch.randint(0, 10, (8,), generator=g), torch.rand(8, generator=g))
+    assert not torch.allclose(s.probs(), torch.full((10,), 0.1, dtype=torch.float64))
+    state = s.state_dict()
+    s2 = D.TimestepSampler(10)
+    s2.load_state_dict(state)
+    assert torch.equal(s2.history, s.history) and torch.equal(s2.count, s.count)
+    draws = [x.sample(16, torch.Generator().manual_seed(1))[0] for x in (s, s2)]
+    assert torch.equal(draws[0], draws[1])
+    state["history"].zero_()  # a copy: the sampler's own statistics are not shared
+    assert not torch.equal(s.history, state["history"])
+    with pytest.raises(ValueError, match="state is for 10 timesteps, this sampler has 9"):
+        D.TimestepSampler(9).load_state_dict(s.state_dict())
+    with pytest.raises(KeyError, match="count"):
+        s2.load_state_dict({"num_timesteps": 10, "history": s.history})
+
+
+RESUME = dict(steps=30, global_batch=GLOBAL_BATCH, lr=LR, seed=SEED, importance_sampling=True)
+
+
+def test_resumed_training_matches_an_uninterrupted_run(monkeypatch, tmp_path):
+    """Stopped at step 17 with a checkpoint every 5 steps (the last at 15), a fresh process
+    state resumed from it reproduces the uninterrupted run: same losses, same timesteps drawn
+    (the importance sampler is past its uniform phase by then), same final parameters."""
+    ctx = _single_ctx(monkeypatch)
+    tokens, labels = _data()
+    drawn = {}
+
+    def record(key):
+        real = D.DistributedTimestepSampler.sample
+
+        def sample(self, batch, generator=None):
+            t, pt = real(self, batch, generator)
+            drawn.setdefault(key, []).append(t.clone())
+            return t, pt
+        monkeypatch.setattr(D.DistributedTimestepSampler, "sample", sample)
+
+    record("full")
+    full = _model(1)
+    want = D.train_diffusion_ddp(full, tokens, labels, ctx, **RESUME)
+    record("first")
+    path = str(tmp_path / "run.pt")
+    first = D.train_diffusion_ddp(_model(1), tokens, labels, ctx, checkpoint_path=path,
+                                  checkpoint_every=5, stop_at=17, **RESUME)
+    assert first == want[:17]
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] == 17 and saved["losses"] == want[:17]
+    # the crash case: a run that dies in step 17 leaves the checkpoint of step 15
+
+    def crash(msg):
+        if msg.startswith("step 17/"):
+            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError, match="killed"):
+        D.train_diffusion_ddp(_model(1), tokens, labels, ctx, checkpoint_path=path,
+                              checkpoint_every=5, log_every=1, log=crash, **RESUME)
+    assert torch.load(path, weights_only=True)["step"] == 15
+    record("resumed")
+    resumed = _model(2)  # other initial weights: the checkpoint's must replace them
+    got = D.train_diffusion_ddp(resumed, tokens, labels, ctx, resume_from=path, **RESUME)
+    assert got == want
+    assert len(drawn["resumed"]) == 15
+    for a, b in zip(drawn["resumed"], drawn["full"][15:]):
+        assert torch.equal(a, b)
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    with pytest.raises(ValueError, match="other arguments"):
+        D.train_diffusion_ddp(_model(1), tokens, labels, ctx, resume_from=path, **dict(RESUME, lr=0.5))
+
+
 def test_ddp_two_ranks_match_single_process(tmp_path):
     reason = _gloo_skip_reason()
     if reason:
@@ -147,6 +235,9 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
         assert torch.equal(v, ranks[1]["state"][k]), f"ranks differ in {k}"
     assert ranks[0]["losses"] == ranks[1]["losses"]  # averaged over ranks
     assert ranks[0]["mean"] == ranks[1]["mean"] == 0.5
+    for r in ranks:  # a resumed run is the uninterrupted one, on every rank
+        full, resumed, same = r["resume"]
+        assert resumed == full and same
     # the sampler's statistics saw both ranks' updates
     assert torch.equal(ranks[0]["history"], ranks[1]["history"])
     assert torch.equal(ranks[0]["count"], ranks[1]["count"])

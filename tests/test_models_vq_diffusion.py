@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from diffusion_helpers import cumulative_matrix, one_step_matrix
 from imgtx_fast import backend
-from imgtx_fast.diffusion import TimestepSampler, posterior_log_probs, vb_loss
+from imgtx_fast.diffusion import TimestepSampler, vb_loss
 from imgtx_fast.models.vq_diffusion import (VQDiffusionConfig, VQDiffusionTransformer,
-                                            jump_schedule, sampling_timesteps)
+                                            sampling_timesteps)
 from imgtx_fast.reference import attention as ref_attention
 
 K, H, W = 12, 3, 4
@@ -247,28 +246,32 @@ def test_skip_step_sampling_calls_the_network_once_per_step(guidance_scale, monk
     assert sampling_timesteps(20, 5) == [19, 14, 9, 5, 0]
 
 
-def test_jump_schedule_is_the_exact_multi_step_posterior():
-    """p(x_t' | x_t) from the jump rows equals Bayes over the composed one-step matrices."""
+def test_sampling_jumps_exactly_between_visited_timesteps(monkeypatch):
+    """Each network call samples x_{t_prev} ~ p(x_{t_prev} | x_t) through posterior_sample's
+    exact t_prev jump (tests/test_diffusion_skip_step.py checks the jump itself), between the
+    visited timesteps and from the last one straight to x0."""
+    import imgtx_fast.models.vq_diffusion as mod
+
     model = _model(num_timesteps=10)
-    sched = model.schedule
-    steps = [9, 6, 5, 2]
-    jumps = jump_schedule(sched, steps)
-    torch.testing.assert_close(jump_schedule(sched, range(9, -1, -1)).table, sched.table.flip(0),
-                               atol=0, rtol=0)  # every step: the schedule's own rows
-    gen = torch.Generator().manual_seed(12)
-    logp = torch.log_softmax(torch.randn(1, K, 2 * K + 2, generator=gen, dtype=torch.float64), 1).float()
-    x_t = torch.cat([torch.arange(K + 1), torch.arange(K + 1)]).view(1, -1)
-    for i, (t, t_prev) in enumerate(zip(steps, steps[1:] + [-1])):
-        got = posterior_log_probs(logp, x_t, i, jumps).exp().double()
-        jump = torch.eye(K + 1, dtype=torch.float64)
-        for s in range(t_prev + 1, t + 1):
-            jump = jump @ one_step_matrix(sched, s)
-        Qprev, Qt = cumulative_matrix(sched, t_prev), cumulative_matrix(sched, t)
-        p = logp[0].double().exp()
-        for n in range(x_t.shape[1]):
-            xt = int(x_t[0, n])
-            want = sum(p[x0, n] * jump[:, xt] * Qprev[x0] / Qt[x0, xt] for x0 in range(K))
-            torch.testing.assert_close(got[0, :, n], want / want.sum(), atol=2e-5, rtol=0)
+    calls = []
+    real = mod.posterior_sample
+
+    def spy(logp, x, t, sched, generator, **kw):
+        calls.append((t, kw["t_prev"]))
+        assert sched is model.schedule
+        return real(logp, x, t, sched, generator, **kw)
+
+    monkeypatch.setattr(mod, "posterior_sample", spy)
+    y = torch.tensor([1, 2])
+    model.sample(y, num_steps=4, generator=torch.Generator().manual_seed(0))
+    steps = sampling_timesteps(10, 4)
+    assert calls == list(zip(steps, steps[1:] + [-1])) == mod.reverse_jumps(steps)
+    calls.clear()
+    model.sample(y, generator=torch.Generator().manual_seed(0))
+    assert calls == [(t, t - 1) for t in range(9, -1, -1)]  # every step: the plain reverse step
+    # truncation_rate = 0 (only the most likely code) is accepted, as by posterior_sample
+    tokens = model.sample(y, num_steps=2, truncation_rate=0.0, generator=torch.Generator().manual_seed(0))
+    assert int(tokens.max()) < K
 
 
 @pytest.mark.parametrize("backend_name", ["fast", "reference"])
@@ -329,7 +332,7 @@ def _bad_calls():
         (lambda: m.sample(y, num_steps=0), ValueError, "num_steps"),
         (lambda: m.sample(y, num_steps=11), ValueError, "num_steps"),
         (lambda: m.sample(y, guidance_scale=float("nan")), ValueError, "guidance_scale"),
-        (lambda: m.sample(y, truncation_rate=0.0), ValueError, "truncation_rate"),
+        (lambda: m.sample(y, truncation_rate=-0.1), ValueError, "truncation_rate"),
         (lambda: m.sample(torch.tensor([], dtype=torch.int64)), ValueError, "cond"),
         (lambda: setattr(m, "backend", "cuda"), ValueError, "backend"),
         (lambda: VQDiffusionConfig(num_codes=8, height=2, width=2, dim=30, heads=4), ValueError, "heads"),
@@ -337,7 +340,6 @@ def _bad_calls():
         (lambda: VQDiffusionConfig(num_codes=8, height=2, width=2, condition="image"), ValueError, "condition"),
         (lambda: VQDiffusionConfig(num_codes=8, height=2, width=2, cond_drop_prob=1.0), ValueError, "cond_drop_prob"),
         (lambda: VQDiffusionConfig(num_codes=8, height=2, width=2, num_timesteps=1), ValueError, "num_timesteps"),
-        (lambda: jump_schedule(m.schedule, [3, 5]), ValueError, "timesteps"),
     ]
 
 

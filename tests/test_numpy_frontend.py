@@ -541,7 +541,7 @@ def _bad_inputs():
         "ps_t_array_range": (P(logp, x_t, t=np.array([1, 100])), ValueError, "t must be"),
         "ps_t_array_shape": (P(logp, x_t, t=np.array([1, 2, 3])), ValueError, "t must be"),
         "ps_t_array_float": (P(logp, x_t, t=np.array([1.0, 2.0])), TypeError, "t must be"),
-        "ps_truncation": (P(logp, x_t, truncation_rate=0.0), ValueError, "truncation_rate"),
+        "ps_truncation": (P(logp, x_t, truncation_rate=-0.1), ValueError, "truncation_rate"),
         "ps_guidance_alone": (P(logp, x_t, guidance_scale=2.0), ValueError, "guidance_scale"),
         "ps_uncond_shape": (P(logp, x_t, guidance_scale=2.0, log_p_x0_uncond=logp[:1]), ValueError,
                             "log_p_x0_uncond"),

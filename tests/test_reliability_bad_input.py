@@ -249,7 +249,7 @@ def _sampling_cases(fn):
         ("uncond_meta", lambda: fn(logp, x_t, 3, S, guidance_scale=2.0, log_p_x0_uncond=logp.to("meta")),
          ValueError, r"log_p_x0_uncond must be on a cpu or cuda"),
         ("truncation_nan", lambda: fn(logp, x_t, 3, S, truncation_rate=NAN), ValueError, r"truncation_rate"),
-        ("truncation_0", lambda: fn(logp, x_t, 3, S, truncation_rate=0.0), ValueError, r"truncation_rate"),
+        ("truncation_negative", lambda: fn(logp, x_t, 3, S, truncation_rate=-0.1), ValueError, r"truncation_rate"),
         ("sched_str", lambda: fn(logp, x_t, 3, "sched"), TypeError, r"sched must be a MaskAndReplaceSchedule"),
         # past 2^31 elements (stride 0): rejected by the shape checks before any kernel runs
         ("logp_huge_K", lambda: fn(_huge(1, BIG, 1), x_t[:1, :1], 3, S), ValueError,

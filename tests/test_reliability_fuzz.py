@@ -229,21 +229,10 @@ def _diffusion_case(B, K, N, T, dtype, layout, values, seed, limit=400_000):
     return g, sched, logp, x_t, t
 
 
-def _truncate_keeping_ties(p, r):
-    """Top-r as the kernels define it (diffusion.h): keep a class while the mass strictly above
-    it is < r, so tied classes stay together. The reference's sort splits ties arbitrarily;
-    bf16/fp16 logits tie often, so the fuzz needs this tie-exact version."""
-    s, _ = torch.sort(p.transpose(1, 2), dim=-1, descending=True)  # (B, N, K)
-    exclusive = s.cumsum(-1) - s
-    first = torch.searchsorted((-s).contiguous(), (-p.transpose(1, 2)).contiguous(), side="left")
-    above = exclusive.gather(-1, first).transpose(1, 2)  # mass strictly above each class
-    return torch.where(above < r, p, torch.zeros_like(p))
-
-
 def _reference_log_probs(logp, x_t, coefs, r=None, log_p_uncond=None, guidance_scale=None):
     p = torch.softmax(ref_diffusion.guided_log_p(logp, log_p_uncond, guidance_scale), dim=1)
     if r is not None and r < 1:
-        p = _truncate_keeping_ties(p, r)
+        p = ref_diffusion.truncate(p, r)  # ties in index order, as the kernels (diffusion.h)
     return ref_diffusion.posterior_probs(p, x_t, coefs).log()
 
 

@@ -43,7 +43,7 @@ void validate(const MrPosteriorParams& p) {
   if ((p.x_prev == nullptr) == (p.log_probs == nullptr))
     fail(op, "exactly one of x_prev and log_probs must be given");
   if (p.x_prev && !p.seed) fail(op, "sampling needs a seed");
-  if (!(p.truncation_rate > 0.f)) fail(op, "truncation_rate must be > 0");
+  if (!(p.truncation_rate >= 0.f)) fail(op, "truncation_rate must be >= 0");
 }
 
 void validate(const MrQSampleParams& p) {

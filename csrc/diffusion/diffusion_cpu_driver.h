@@ -162,9 +162,9 @@ struct Kernels {
     return r;
   }
 
-  // Top-r truncation (spec): keeps { j : bits(e_j) >= u0 } with u0 the smallest u such that
-  // the mass strictly above u is < r P; zeroes the rest, refreshes the chunk sums and returns
-  // the kept mass. Bisection over the bit patterns, from the bound below which every class
+  // Top-r truncation (spec): keeps { j : bits(e_j) > u0 } and the first mr::tie_keep classes
+  // equal to u0 (tie_cut), with u0 the smallest u such that the mass strictly above u is
+  // < r P; zeroes the rest, refreshes the chunk sums and returns the kept mass. Bisection over the bit patterns, from the bound below which every class
   // is dropped ((1 - r) P / K: at most K classes lie below it, holding < (1 - r) P), with the
   // bounds snapped onto class values after each probe (the mass above u only changes at class
   // values): ~10 probes instead of 27.
@@ -180,12 +180,57 @@ struct Kernels {
         lo = int64_t(pr.above) - 1;  // ... and on [mid, above)
     }
     const int32_t u0 = int32_t(hi);
+    I ties = I{};  // per lane: the classes equal to u0
     for (int64_t i = 0; i < Kp; i += W) {
       const F v = simd::load<W>(e + i);
       I bits;
       std::memcpy(&bits, &v, sizeof(bits));
+      ties -= bits == u0;  // a true lane is -1
       simd::store<W>(e + i, bits >= u0 ? v : F{});
     }
+    int64_t count = 0;
+    for (int l = 0; l < W; ++l) count += ties[l];
+    const double kept = chunk_sums(e, Kp, sums);
+    const int64_t cut = tie_cut(e, Kp, u0, count, threshold, kept);
+    if (cut == Kp) return kept;
+    for (int64_t j = cut; j < Kp; ++j)  // the boundary value's classes after the first n
+      if (bits_of(e[j]) == u0) e[j] = 0.f;
+    return chunk_sums(e, Kp, sums);
+  }
+
+  static int32_t bits_of(float v) {
+    int32_t b;
+    std::memcpy(&b, &v, sizeof(b));
+    return b;
+  }
+
+  // Of the classes equal to the boundary value u0 only the first mr::tie_keep stay, in index
+  // order, as diffusers' sort keeps them: returns the index from which the others are dropped
+  // (Kp: none). e holds the kept classes (mass `kept`), `count` of them equal to u0: the mass
+  // above u0 is kept less the tie.
+  static int64_t tie_cut(const float* e, int64_t Kp, int32_t u0, int64_t count, double threshold,
+                         double kept) {
+    if (count <= 1) return Kp;
+    float v0;
+    std::memcpy(&v0, &u0, sizeof(v0));
+    const double above = kept - double(count) * double(v0);
+    const int64_t keep = mr::tie_keep(threshold, above, double(v0), count);
+    if (keep == count) return Kp;
+    for (int64_t j = 0, seen = 0; j < Kp; ++j)
+      if (bits_of(e[j]) == u0 && ++seen > keep) return j;
+    return Kp;
+  }
+
+  // Top-r at r = 0 keeps one class, the most likely: the lowest index among equal p (as
+  // diffusers' truncate, whose sort puts it first). Zeroes the rest of e (>= 0; the padding is
+  // 0), refreshes the chunk sums and returns the kept mass.
+  static double keep_first_max(float* e, int64_t Kp, double* sums) {
+    int64_t best = 0;
+    for (int64_t j = 1; j < Kp; ++j)
+      if (e[j] > e[best]) best = j;
+    const float v = e[best];
+    std::memset(e, 0, size_t(Kp) * sizeof(float));
+    e[best] = v;
     return chunk_sums(e, Kp, sums);
   }
 
@@ -254,7 +299,10 @@ struct Kernels {
     }
     double P = exp_row(l, M, Kp, e, sc.sums);
     const bool truncating = p.truncation_rate < 1.f;
-    if (truncating) P = truncate(e, Kp, P, double(p.truncation_rate), K, sc.sums);
+    if (p.truncation_rate == 0.f)
+      P = keep_first_max(e, Kp, sc.sums);
+    else if (truncating)
+      P = truncate(e, Kp, P, double(p.truncation_rate), K, sc.sums);
     TokenCoefs k = mr::token_coefs(p.coefs + b * kMrCoefs, xt, K);
     const double p_s = k.s >= 0 ? double(e[k.s]) : 0.0;
     if (p.x_prev) {

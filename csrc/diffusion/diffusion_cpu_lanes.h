@@ -114,12 +114,57 @@ struct LaneKernels {
     }
     I u0;
     for (int i = 0; i < W; ++i) u0[i] = hi[i];
-    // Zero the dropped classes and refresh the chunk sums in the same pass.
+    // Zero the dropped classes and refresh the chunk sums in the same pass, counting the
+    // classes equal to each lane's boundary value (order-free, so sum_chunks may add in any).
+    I count = I{};
     sum_chunks(K, sums, P, [&](int64_t q) {
       F v = simd::load<W>(E + q * W);
       I bits;
       std::memcpy(&bits, &v, sizeof(bits));
+      count -= bits == u0;  // a true lane is -1
       v = bits >= u0 ? v : F{};
+      simd::store<W>(E + q * W, v);
+      return v;
+    });
+    // Of those equal classes only the first mr::tie_keep stay, in index order (diffusers' sort;
+    // Kernels::tie_cut). The mass above the boundary is P less the tie's; a second pass runs
+    // only when some lane drops part of its tie.
+    I keep;
+    bool partial = false;
+    for (int i = 0; i < W; ++i) {
+      float v0;
+      const int32_t b = u0[i];
+      std::memcpy(&v0, &b, sizeof(v0));
+      const double above = P[i] - double(count[i]) * double(v0);
+      keep[i] = count[i] > 1 ? int32_t(mr::tie_keep(thr[i], above, double(v0), count[i])) : count[i];
+      partial |= keep[i] < count[i];
+    }
+    if (!partial) return;
+    for (int64_t q = 0; q < K; ++q) {
+      const F v = simd::load<W>(E + q * W);
+      I bits;
+      std::memcpy(&bits, &v, sizeof(bits));
+      const I tie = bits == u0;
+      simd::store<W>(E + q * W, tie & (keep <= 0) ? F{} : v);
+      keep += tie;
+    }
+    sum_chunks(K, sums, P, [&](int64_t q) { return simd::load<W>(E + q * W); });
+  }
+
+  // Per-lane top-r at r = 0 (the row kernel's keep_first_max): only the first class with the
+  // lane's largest p stays; refreshes the chunk sums and P.
+  static void keep_first_max(float* E, int64_t K, double* sums, double* P) {
+    F best = simd::splat<W>(-1.f);
+    I arg = I{};
+    for (int64_t q = 0; q < K; ++q) {
+      const F v = simd::load<W>(E + q * W);
+      const I gt = v > best;  // strictly: a later equal p does not replace the first
+      best = gt ? v : best;
+      arg = gt ? I{} + int32_t(q) : arg;
+    }
+    sum_chunks(K, sums, P, [&](int64_t q) {
+      F v = simd::load<W>(E + q * W);
+      v = arg == I{} + int32_t(q) ? v : F{};
       simd::store<W>(E + q * W, v);
       return v;
     });
@@ -311,7 +356,10 @@ struct LaneKernels {
     else
       exp_block(p, base_c, base_u, E, K, M, sums, P);
     const bool truncating = p.truncation_rate < 1.f;
-    if (truncating) truncate(E, K, double(p.truncation_rate), sums, P);
+    if (p.truncation_rate == 0.f)
+      keep_first_max(E, K, sums, P);
+    else if (truncating)
+      truncate(E, K, double(p.truncation_rate), sums, P);
     TokenCoefs k[W];
     double p_s[W];
     for (int i = 0; i < W; ++i) {

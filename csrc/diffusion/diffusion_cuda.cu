@@ -415,6 +415,55 @@ __device__ Trunc truncate_top_r(bool ok, double P, float rate, int K, Lane me, i
   return Trunc{hi, kept};
 }
 
+// Of the classes equal to the boundary value u0 only the first mr::tie_keep stay, in index
+// order, as diffusers' sort keeps them (the CPU's Kernels::tie_cut): returns the index from
+// which the others are dropped (INT_MAX: none) and lowers *P, the kept mass, to match. `kept`
+// is the mass of { j : bits(p_j) >= u0 }. A bisection on the index runs only when a token of
+// the block drops part of its tie; all threads of the block call this (reductions).
+template <bool kTokenFast, class Prob>
+__device__ int tie_cut(bool ok, int u0, double threshold, double kept, int K, Lane me, int step,
+                       GroupReducer<kTokenFast>& red, Prob prob, double* P) {
+  auto ties_below = [&](int end) {  // this thread's classes j < end equal to u0
+    double c = 0.0;
+    for (int j = me.r; j < end; j += step) c += __float_as_int(prob(j)) == u0 ? 1.0 : 0.0;
+    return c;
+  };
+  const int64_t count = int64_t(red.all(ok ? ties_below(K) : 0.0, SumD()));
+  const double v0 = double(__int_as_float(u0));
+  const int64_t keep = ok && count > 1 ? mr::tie_keep(threshold, kept - double(count) * v0, v0, count)
+                                       : count;
+  const bool partial = keep < count;
+  if (!__syncthreads_or(partial)) return INT_MAX;
+  int lo = 0, hi = K;  // ties_below: < keep at lo, >= keep at hi
+  for (int span = 1; span <= K; span <<= 1) {  // ceil(log2(K)) steps close [0, K]
+    const bool open = partial && hi - lo > 1;
+    const int mid = lo + ((hi - lo) >> 1);
+    const double c = red.all(open ? ties_below(mid) : 0.0, SumD());
+    if (open) (int64_t(c) >= keep ? hi : lo) = mid;
+  }
+  if (!partial) return INT_MAX;
+  *P = kept - double(count - keep) * v0;
+  return hi;
+}
+
+// Top-r at r = 0 (the CPU's keep_first_max): the one class kept is the lowest index among
+// those with the token's largest p. Two reductions: the largest p, then the first class
+// holding it. Returns that class (0 for tokens that are not ok).
+template <bool kTokenFast, class Prob>
+__device__ int first_max_class(bool ok, int K, Lane me, int step, GroupReducer<kTokenFast>& red,
+                               Prob prob) {
+  float best = 0.f;
+  if (ok)
+    for (int j = me.r; j < K; j += step) best = fmaxf(best, prob(j));
+  best = red.all(best, MaxF());
+  int first = INT_MAX;
+  if (ok)
+    for (int j = me.r; j < K && first == INT_MAX; j += step)
+      if (prob(j) == best) first = j;
+  first = red.all(make_int2(first, 0), MinMaxI2()).x;
+  return first == INT_MAX ? 0 : first;
+}
+
 // ---- reverse step: posterior log-probabilities or a sample of x_{t-1} -----------------------
 // What the output pass needs to know about each token of the tile (written by the token's
 // rank-0 thread, read by whichever threads the output layout assigns to the token).
@@ -422,7 +471,7 @@ struct PostTok {
   int64_t cond_off, unc_off, out_off;
   double target, factor;  // sampling: the p-part scan of mr::choose
   float M, ug, vy, lp, log_u, out_s, out_K;  // log_u: log(u) - log(pi total), t = 0
-  int s, u0;
+  int s, u0, cut;  // kept: bits(p_j) > u0, or == u0 with j < cut
   bool live, bad, logspace, scan;
 };
 
@@ -459,19 +508,28 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const bool ok = live && bad == 0;
     double P = red.all(ok ? exp_pass(src, row, M, me.r, step, K) : 0.0, SumD());
     auto prob = [&](int j) { return prob_at(src, row, M, j); };
-    int u0 = 0;
-    if (truncating) {
+    int u0 = 0, cut = INT_MAX;
+    if (p.truncation_rate == 0.f) {
+      const int only = first_max_class(ok, K, me, step, red, prob);
+      u0 = __float_as_int(ok ? prob(only) : 1.f);
+      cut = only + 1;
+      P = ok ? double(prob(only)) : 0.0;
+    } else if (truncating) {
+      const double threshold = double(p.truncation_rate) * P;
       const Trunc tr = truncate_top_r(ok, P, p.truncation_rate, K, me, step, red, prob);
       u0 = tr.u0;
       P = tr.kept;
+      cut = tie_cut(ok, u0, threshold, tr.kept, K, me, step, red, prob, &P);
     }
-    // p_j as truncated: dropped classes become 0 (u0 >= 1, so this also zeroes p = 0). The
-    // output pass maps threads to tokens by the output's layout, so it passes the threshold of
-    // the token it writes (PostTok::u0), not this thread's.
-    auto kept_by = [truncating](float e, int threshold) {
-      return truncating && __float_as_int(e) < threshold ? 0.f : e;
+    // p_j as truncated: dropped classes become 0 (u0 >= 1, so this also zeroes p = 0), and of
+    // the classes equal to u0 those from `cut` on. The output pass maps threads to tokens by
+    // the output's layout, so it passes the bounds of the token it writes (PostTok::u0,
+    // PostTok::cut), not this thread's.
+    auto kept_by = [truncating](float e, int j, int threshold, int cut_at) {
+      const int bits = __float_as_int(e);
+      return truncating && (bits < threshold || (bits == threshold && j >= cut_at)) ? 0.f : e;
     };
-    auto kept = [&](float e) { return kept_by(e, u0); };
+    auto kept = [&](float e, int j) { return kept_by(e, j, u0, cut); };
 
     // The token's scalar math (float64, mr_token_math.h), once per token.
     if (me.r == 0) {
@@ -486,13 +544,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       T.out_off = b * p.out_stride_batch + n * p.out_stride_token;
       T.M = M;
       T.u0 = u0;
+      T.cut = cut;
       if (bad) {
         status_bits |= bad;
         if (sampling) p.x_prev[tok] = -1;
       }
       if (ok) {
         mr::TokenCoefs k = mr::token_coefs(p.coefs + b * kMrCoefs, xt, K);
-        const double p_s = k.s >= 0 ? double(kept(prob(int(k.s)))) : 0.0;
+        const double p_s = k.s >= 0 ? double(kept(prob(int(k.s)), int(k.s))) : 0.0;
         T.s = int(k.s);
         if (sampling) {
           double r0, r1;
@@ -530,7 +589,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         const int s = T.s;
         const double factor = T.factor;
         auto weight = [&](int j) {
-          float e = kept(prob(j));
+          float e = kept(prob(j), j);
           if (j == s) e = float(double(e) * factor);
           return e;
         };
@@ -559,12 +618,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
             v = (l - T.M) + T.log_u;  // (x - m) first: exact for logits near m, any magnitude
             if (truncating) {
               const float e = orow != nullptr ? orow[j] : expf(l - T.M);
-              if (!(kept_by(e, T.u0) > 0.f)) v = -kInf;
+              if (!(kept_by(e, j, T.u0, T.cut) > 0.f)) v = -kInf;
             }
           } else if (j == T.s) {
             v = T.out_s;
           } else {
-            const float e = kept_by(prob_at(osrc, orow, T.M, j), T.u0);
+            const float e = kept_by(prob_at(osrc, orow, T.M, j), j, T.u0, T.cut);
             v = logf(fmaxf(fmaf(T.ug, e, T.vy), mr::kPiFloor)) - T.lp;
           }
           out[int64_t(j) * p.out_stride_class] = v;

@@ -84,6 +84,18 @@ IMGTX_HD double pi_total(const TokenCoefs& k, int64_t K, double P, double p_s, d
   return w1 + v_total(k, K) * Y;
 }
 
+// ---- top-r truncation: the boundary tie ---------------------------------------------------
+// The kernels find u0, the smallest p value whose mass strictly above (`above`) is < r P
+// (`threshold`). diffusers sorts p descending, equal values in index order, and keeps a class
+// while the mass before it in that order is < r P: of the `count` classes equal to the
+// boundary value v only the first n by index stay, n = #{m in [0, count) : above + m v < r P}
+// (>= 1, since above < r P). Classes above v are all kept, classes below it all dropped.
+IMGTX_HD int64_t tie_keep(double threshold, double above, double v, int64_t count) {
+  if (!(v > 0.0) || above + double(count - 1) * v < threshold) return count;
+  const double n = ceil((threshold - above) / v);  // m < (threshold - above) / v
+  return n < 1.0 ? 1 : (n > double(count) ? count : int64_t(n));
+}
+
 // ---- forward noising ----------------------------------------------------------------------
 // x_t ~ q(x_t | x0) from two uniforms: MASK with probability C_t, x0 with A_t, a uniform real
 // class with K B_t (x0 included: A_t + B_t for x0, B_t for every other class).

@@ -31,8 +31,8 @@ def check_truncation_and_guidance(truncation_rate, guidance_scale, log_p_x0_unco
     check_real(guidance_scale, "guidance_scale", op, optional=True)
     if truncation_rate is not None:
         r = check_real(truncation_rate, "truncation_rate", op)
-        if not 0.0 < r <= 1.0:
-            raise ValueError(f"{op}: truncation_rate must be in (0, 1], got {truncation_rate}")
+        if not 0.0 <= r <= 1.0:  # 0 keeps only the most likely class, as diffusers' truncate
+            raise ValueError(f"{op}: truncation_rate must be in [0, 1], got {truncation_rate}")
     if (guidance_scale is None) != (log_p_x0_uncond is None):
         raise ValueError(f"{op}: guidance_scale and log_p_x0_uncond must be given together")
 

@@ -21,7 +21,9 @@ from .schedule import MaskAndReplaceSchedule
 
 
 def vb_terms(logits: Tensor, x0: Tensor, x_t: Tensor, t, sched: MaskAndReplaceSchedule):
-    """Per-token (L_vb, L_aux), (B, N) float32 (float64 with the reference backend)."""
+    """Per-token (L_vb, L_aux), (B, N) float32 whatever the logits' float dtype and the backend
+    (the reference backend computes in float64 and rounds, so a loss keeps its dtype when the
+    backend is switched)."""
     op = "vb_loss"
     _check_schedule(sched, op)
     check_logp(logits, "logits", sched, op)
@@ -30,7 +32,8 @@ def vb_terms(logits: Tensor, x0: Tensor, x_t: Tensor, t, sched: MaskAndReplaceSc
     x_t = check_index(x_t, "x_t", (B, N), logits.device, op)
     coefs = sched.coefs(t, B, logits.device, op)
     if get_backend() == "reference":
-        return _reference.vb_terms(logits, x0, x_t, coefs)
+        loss_vb, loss_aux = _reference.vb_terms(logits, x0, x_t, coefs)
+        return loss_vb.float(), loss_aux.float()
     loss_vb, loss_aux, _ = torch.ops.imgtx.mr_vb_terms(logits, x0, x_t, coefs)
     return loss_vb, loss_aux
 
@@ -91,6 +94,26 @@ class TimestepSampler:
         p = self.probs()
         t = torch.multinomial(p, batch, replacement=True, generator=generator)
         return t, p.gather(0, t)
+
+    def state_dict(self) -> dict:
+        """Everything sample() depends on besides the caller's generator: the per-t loss
+        history and counts (CPU copies), so a resumed run draws the same timesteps."""
+        return {"num_timesteps": self.T, "history": self.history.detach().cpu().clone(),
+                "count": self.count.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores state_dict()'s values in place (onto this sampler's device)."""
+        op = f"{type(self).__name__}.load_state_dict"
+        missing = {"num_timesteps", "history", "count"} - set(state)
+        if missing:
+            raise KeyError(f"{op}: state lacks {sorted(missing)}")
+        if int(state["num_timesteps"]) != self.T:
+            raise ValueError(f"{op}: state is for {state['num_timesteps']} timesteps, this sampler has {self.T}")
+        for name in ("history", "count"):
+            value = torch.as_tensor(state[name])
+            if value.shape != (self.T,):
+                raise ValueError(f"{op}: {name} must have shape ({self.T},), got {tuple(value.shape)}")
+            getattr(self, name).copy_(value)
 
     def update(self, t: Tensor, per_sample_loss: Tensor) -> None:
         t = t.to(self.history.device)

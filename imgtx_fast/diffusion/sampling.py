@@ -68,7 +68,17 @@ def check_index(x, name: str, shape, device, op: str) -> Tensor:
     return x if x.dtype == torch.int64 else x.long()
 
 
-def _check_sampling_args(log_p_x0, x_t, t, sched, truncation_rate, guidance_scale,
+def step_coefs(sched: MaskAndReplaceSchedule, t, t_prev, batch: int, device, op: str) -> Tensor:
+    """The kernels' rows for the reverse step t -> t_prev (None: t - 1). The reference backend
+    composes a jump from the one-step rows itself (reference.jump_coefs), independently of the
+    schedule's closed form."""
+    if t_prev is None or get_backend() != "reference":
+        return sched.coefs(t, batch, device, op, t_prev=t_prev)
+    tt = sched.check_t(t, batch, device, op)
+    return _reference.jump_coefs(sched.table, sched.num_classes, tt, sched.check_t_prev(t_prev, tt, op))
+
+
+def _check_sampling_args(log_p_x0, x_t, t, t_prev, sched, truncation_rate, guidance_scale,
                          log_p_x0_uncond, op):
     _check_schedule(sched, op)
     check_logp(log_p_x0, "log_p_x0", sched, op)
@@ -80,22 +90,27 @@ def _check_sampling_args(log_p_x0, x_t, t, sched, truncation_rate, guidance_scal
         if log_p_x0_uncond.shape != log_p_x0.shape or log_p_x0_uncond.device != log_p_x0.device:
             raise ValueError(f"{op}: log_p_x0_uncond must match log_p_x0's shape and device, got "
                              f"{tuple(log_p_x0_uncond.shape)} on {log_p_x0_uncond.device}")
-    coefs = sched.coefs(t, B, log_p_x0.device, op)
+    coefs = step_coefs(sched, t, t_prev, B, log_p_x0.device, op)
     return x_t, coefs
 
 
 def posterior_sample(log_p_x0: Tensor, x_t: Tensor, t, sched: MaskAndReplaceSchedule,
                      generator: Optional[torch.Generator] = None, *,
                      truncation_rate: Optional[float] = None, guidance_scale: Optional[float] = None,
-                     log_p_x0_uncond: Optional[Tensor] = None, logits: bool = False) -> Tensor:
+                     log_p_x0_uncond: Optional[Tensor] = None, logits: bool = False,
+                     t_prev=None) -> Tensor:
     """x_{t-1} ~ p(x_{t-1} | x_t) for every token: (B, N) int64 in [0, K] (K = MASK).
 
     Fuses classifier-free guidance (l_u + s (l_c - l_u)), top-r truncation and the reverse
     step into one pass per token. At t = 0 it samples p(x0 | x_t) (never MASK).
+    t_prev (int or (B,) tensor, each in [-1, t)): sample x_{t_prev} ~ p(x_{t_prev} | x_t)
+    exactly instead, for skip-step sampling (-1: x0); None is t - 1.
+    truncation_rate: top-r in [0, 1] (see imgtx_fast.diffusion's docs); 0 keeps only the
+    most likely class (the lowest index among exact ties, as diffusers' truncate).
     """
     op = "posterior_sample"
-    x_t, coefs = _check_sampling_args(log_p_x0, x_t, t, sched, truncation_rate, guidance_scale,
-                                      log_p_x0_uncond, op)
+    x_t, coefs = _check_sampling_args(log_p_x0, x_t, t, t_prev, sched, truncation_rate,
+                                      guidance_scale, log_p_x0_uncond, op)
     check_generator(generator, op)
     r = 1.0 if truncation_rate is None else float(truncation_rate)
     if get_backend() == "reference":
@@ -112,12 +127,14 @@ def posterior_sample(log_p_x0: Tensor, x_t: Tensor, t, sched: MaskAndReplaceSche
 def posterior_log_probs(log_p_x0: Tensor, x_t: Tensor, t, sched: MaskAndReplaceSchedule, *,
                         truncation_rate: Optional[float] = None,
                         guidance_scale: Optional[float] = None,
-                        log_p_x0_uncond: Optional[Tensor] = None, logits: bool = False) -> Tensor:
+                        log_p_x0_uncond: Optional[Tensor] = None, logits: bool = False,
+                        t_prev=None) -> Tensor:
     """log p(x_{t-1} | x_t), normalised over the K+1 classes: (B, K+1, N) float32 (laid out
-    class-contiguous when log_p_x0 is). Impossible classes are -inf."""
+    class-contiguous when log_p_x0 is). Impossible classes are -inf. t_prev and
+    truncation_rate as in posterior_sample (t_prev given: log p(x_{t_prev} | x_t))."""
     op = "posterior_log_probs"
-    x_t, coefs = _check_sampling_args(log_p_x0, x_t, t, sched, truncation_rate, guidance_scale,
-                                      log_p_x0_uncond, op)
+    x_t, coefs = _check_sampling_args(log_p_x0, x_t, t, t_prev, sched, truncation_rate,
+                                      guidance_scale, log_p_x0_uncond, op)
     r = 1.0 if truncation_rate is None else float(truncation_rate)
     if get_backend() == "reference":
         return _reference.posterior_log_probs(log_p_x0, x_t, coefs, log_p_uncond=log_p_x0_uncond,

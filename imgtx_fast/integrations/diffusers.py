@@ -72,6 +72,12 @@ def _log_probs(x):
     return x
 
 
+def _kernels_run_on(x) -> bool:
+    """Whether the fused kernels can read x's memory (CPU and CUDA tensors). On other devices
+    diffusers' own scheduler works, so the drop-in falls back to it there."""
+    return not isinstance(x, torch.Tensor) or x.device.type in ("cpu", "cuda")
+
+
 def _generator(generator):
     if isinstance(generator, (list, tuple)):
         if len(generator) != 1:
@@ -87,8 +93,20 @@ class FastVQDiffusionScheduler(VQDiffusionScheduler):
     Build it from any VQ-Diffusion scheduler config: ``FastVQDiffusionScheduler.from_config(
     pipe.scheduler.config)``. `model_output` may be any (B, K, N) float32/float16/bfloat16 view
     (e.g. a permuted (B, N, K) buffer): it is read in place, and need not be normalised
-    (float64 is accepted too, through a float32 copy).
+    (float64 is accepted too, through a float32 copy). On devices other than CPU and CUDA,
+    `step` and `step_guided` run diffusers' own computation instead.
+
+    Config files are interchangeable with the stock class both ways (save_config of one,
+    from_pretrained / from_config of the other), and `compatibles` lists both classes.
     """
+
+    _compatibles = ["VQDiffusionScheduler"]
+
+    @classmethod
+    def _get_compatibles(cls):
+        # diffusers resolves `_compatibles` by name inside its own package, where this class
+        # is not found: name both classes directly (the stock one first).
+        return [VQDiffusionScheduler, FastVQDiffusionScheduler]
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -110,6 +128,9 @@ class FastVQDiffusionScheduler(VQDiffusionScheduler):
              sample: torch.LongTensor, generator: Optional[torch.Generator] = None,
              return_dict: bool = True):
         """x_{t-1} ~ p(x_{t-1} | x_t), as `VQDiffusionScheduler.step` (at t = 0: x0 ~ model_output)."""
+        if not (_kernels_run_on(model_output) and _kernels_run_on(sample)):
+            return super().step(model_output, timestep, sample, generator=generator,
+                                return_dict=return_dict)
         prev = posterior_sample(_log_probs(model_output), sample, _timestep(timestep),
                                 self._imgtx_schedule, _generator(generator))
         return VQDiffusionSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
@@ -123,18 +144,48 @@ class FastVQDiffusionScheduler(VQDiffusionScheduler):
         guidance ``u + s (c - u)``, logsumexp renormalisation, `truncate(truncation_rate)`,
         `clamp(-70)` and `step`. As in the pipeline, guidance applies only when
         ``guidance_scale > 1``; otherwise `model_output_uncond` is ignored (it may be None).
-        A truncation_rate >= 1 (or None) keeps every class, as in the pipeline."""
-        if truncation_rate is not None and truncation_rate >= 1.0:
-            truncation_rate = None
+        A truncation_rate >= 1 (or None) keeps every class, as in the pipeline; a rate <= 0
+        keeps only the most likely class (the lowest index among equal probabilities), which
+        is what diffusers' `truncate` does for any rate <= 0."""
+        truncation_rate = _pipeline_rate(truncation_rate)
+        guided = guidance_scale is not None and guidance_scale > 1.0
+        if guided and model_output_uncond is None:
+            raise ValueError("step_guided: guidance_scale > 1 needs model_output_uncond")
+        if not all(_kernels_run_on(x) for x in (model_output_cond, model_output_uncond, sample)):
+            log_p = _stock_sequence(model_output_cond, model_output_uncond if guided else None,
+                                    guidance_scale, truncation_rate)
+            return super().step(log_p, timestep, sample, generator=generator, return_dict=return_dict)
         kwargs = {"truncation_rate": truncation_rate}
-        if guidance_scale is not None and guidance_scale > 1.0:
-            if model_output_uncond is None:
-                raise ValueError("step_guided: guidance_scale > 1 needs model_output_uncond")
+        if guided:
             kwargs.update(guidance_scale=float(guidance_scale),
                           log_p_x0_uncond=_log_probs(model_output_uncond))
         prev = posterior_sample(_log_probs(model_output_cond), sample, _timestep(timestep),
                                 self._imgtx_schedule, _generator(generator), **kwargs)
         return VQDiffusionSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+def _pipeline_rate(rate: Optional[float]) -> Optional[float]:
+    """VQDiffusionPipeline's truncation_rate as posterior_sample takes it. diffusers keeps a
+    class while the cumulative probability before it is < rate, and always the first: every
+    rate >= 1 keeps all classes (None here), every rate <= 0 (and NaN) only the first."""
+    if rate is None:
+        return None
+    rate = float(rate)
+    if rate >= 1.0:
+        return None
+    return rate if rate > 0.0 else 0.0
+
+
+def _stock_sequence(cond, uncond, guidance_scale, truncation_rate):
+    """The pipeline's per-step tensor passes in plain torch (for devices the kernels do not
+    run on): guidance, renormalisation, truncation (reference.truncate: the same rule), clamp."""
+    from ..reference.diffusion import truncate
+
+    x = cond if uncond is None else uncond + guidance_scale * (cond - uncond)
+    x = x - torch.logsumexp(x, dim=1, keepdim=True)
+    if truncation_rate is not None:
+        x = truncate(x.exp(), truncation_rate).log()
+    return x.clamp(-70)
 
 
 def use_fast_scheduler(pipe):

@@ -28,7 +28,7 @@ twins; backend=None follows `imgtx_fast.set_backend` / an enclosing `backend()` 
 """
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,7 @@ from ..diffusion import MaskAndReplaceSchedule, TimestepSampler, posterior_sampl
 from ..ops.fused_attention import attention
 from ._common import ModelBase
 
-__all__ = ["VQDiffusionConfig", "VQDiffusionTransformer", "jump_schedule", "sampling_timesteps"]
+__all__ = ["VQDiffusionConfig", "VQDiffusionTransformer", "reverse_jumps", "sampling_timesteps"]
 
 _CONDITIONS = ("class", "text")
 _POSITIONS = ("2d", "1d")
@@ -137,52 +137,12 @@ def sampling_timesteps(num_timesteps: int, num_steps: int) -> List[int]:
     return [last - (2 * i * last + M) // (2 * M) for i in range(num_steps)]
 
 
-class _JumpSchedule(MaskAndReplaceSchedule):
-    """A schedule whose "timestep" i is the reverse jump timesteps[i] -> timesteps[i+1] (x0 after
-    the last), so posterior_sample(..., i, jump_schedule) samples x_{t'} ~ p(x_{t'} | x_t) exactly.
-
-    Why this is exact: one-step mask-and-replace matrices are closed under products, so the
-    forward transition t' -> t is again (a, b, c) with a = A_t / A_t', 1 - c = (1 - C_t) /
-    (1 - C_t'), b = (1 - a - c) / K; the posterior formula only needs that one-step row and the
-    cumulative rows at t and t'. (VQ-Diffusion's own fast sampler instead reuses the t - skip row,
-    an approximation.) posterior_sample has no `t_prev` argument, so the rows go in through the
-    schedule's coefficient table (column order of enum MrCoef, as MaskAndReplaceSchedule builds).
-    """
-
-    def __init__(self, sched: MaskAndReplaceSchedule, timesteps: Sequence[int]):
-        ts = [int(t) for t in timesteps]
-        if not ts or any(not 0 <= t < sched.num_timesteps for t in ts) or any(
-                a <= b for a, b in zip(ts, ts[1:])):
-            raise ValueError(f"timesteps must be strictly decreasing values in [0, {sched.num_timesteps}), got {ts}")
-        K = sched.num_classes
-        one = torch.ones(1, dtype=torch.float64)
-        zero = torch.zeros(1, dtype=torch.float64)
-        t = torch.tensor(ts)
-        t_prev = torch.tensor(ts[1:], dtype=torch.int64)
-        A, C = sched.A[t], sched.C[t]
-        A_prev = torch.cat([sched.A[t_prev], one])  # x0 after the last jump: identity
-        C_prev = torch.cat([sched.C[t_prev], zero])
-        B, B_prev = (1 - A - C) / K, (1 - A_prev - C_prev) / K
-        a = A / A_prev
-        c = 1 - (1 - C) / (1 - C_prev)
-        b = (1 - a - c) / K
-        t0 = torch.zeros(len(ts), dtype=torch.float64)
-        t0[-1] = 1.0  # the last jump lands on x0: sample p(x0 | x_t) itself
-        self.table = torch.stack([a, b, c, A, B, C, A_prev, B_prev, C_prev, t0], dim=1).contiguous()
-        self.num_classes, self.num_timesteps = K, len(ts)
-        self.config, self.timesteps = dict(sched.config), ts
-        self.A, self.B, self.C = A, B, C
-        self._on_device = {}
-
-    def __repr__(self):
-        return f"_JumpSchedule(num_classes={self.num_classes}, timesteps={self.timesteps})"
-
-
-def jump_schedule(sched: MaskAndReplaceSchedule, timesteps: Sequence[int]) -> MaskAndReplaceSchedule:
-    """The exact reverse jumps between `timesteps` (strictly decreasing) as a schedule for
-    posterior_sample: step index i samples x_{timesteps[i+1]} (x0 after the last) given
-    x_{timesteps[i]}. With every timestep it reproduces `sched`'s own rows."""
-    return _JumpSchedule(sched, timesteps)
+def reverse_jumps(timesteps: Sequence[int]) -> List[Tuple[int, int]]:
+    """(t, t_prev) for each network call of a sampler visiting `timesteps` (descending): each
+    call jumps exactly from x_t to x_{t_prev} (posterior_sample's t_prev), the last one to x0
+    (t_prev = -1)."""
+    ts = [int(t) for t in timesteps]
+    return list(zip(ts, ts[1:] + [-1]))
 
 
 # ----------------------------------------------------------------------------- network
@@ -444,10 +404,11 @@ class VQDiffusionTransformer(ModelBase):
         """Token grids (B, h, w) int64 in [0, K), sampled from all-MASK.
 
         num_steps: network calls (None: every one of the T timesteps); fewer visit evenly spaced
-        timesteps and take exact multi-step reverse jumps (see jump_schedule).
+        timesteps and take exact multi-step reverse jumps (posterior_sample's t_prev).
         guidance_scale: classifier-free guidance s (1: none); s != 1 runs the condition and the
         null condition as one batched forward of 2B rows per step.
-        truncation_rate: top-r truncation of p(x0 | x_t) in (0, 1] (None: none).
+        truncation_rate: top-r truncation of p(x0 | x_t) in [0, 1] (None: none; 0 keeps only
+        the most likely class).
         generator: makes the samples reproducible.
         """
         op = "VQDiffusionTransformer.sample"
@@ -458,12 +419,11 @@ class VQDiffusionTransformer(ModelBase):
             raise ValueError(f"{op}: cond must hold at least one condition (B >= 1)")
         T = cfg.num_timesteps
         steps = sampling_timesteps(T, T if num_steps is None else num_steps)
-        jumps = jump_schedule(self.schedule, steps)
         if real_scalar(guidance_scale) is None or not math.isfinite(real_scalar(guidance_scale)):
             raise ValueError(f"{op}: guidance_scale must be a finite number, got {guidance_scale!r}")
         guidance_scale = real_scalar(guidance_scale)  # numpy scalars too
-        if truncation_rate is not None and not 0.0 < float(truncation_rate) <= 1.0:
-            raise ValueError(f"{op}: truncation_rate must be in (0, 1], got {truncation_rate}")
+        if truncation_rate is not None and not 0.0 <= float(truncation_rate) <= 1.0:
+            raise ValueError(f"{op}: truncation_rate must be in [0, 1], got {truncation_rate}")
         guided = guidance_scale != 1.0
         device = self.to_logits.weight.device
         x = torch.full((B, cfg.num_tokens), cfg.num_codes, dtype=torch.int64, device=device)
@@ -472,15 +432,16 @@ class VQDiffusionTransformer(ModelBase):
             lengths2 = None if cond_lengths is None else torch.cat([cond_lengths, cond_lengths])
             drop = torch.arange(2 * B, device=device) >= B
         with self._backend():
-            for i, t in enumerate(steps):
+            for t, t_prev in reverse_jumps(steps):
                 if guided:
                     logp = self._logp(torch.cat([x, x]), torch.full((2 * B,), t, device=device),
                                       cond2, lengths2, drop)
-                    x = posterior_sample(logp[:B], x, i, jumps, generator,
+                    x = posterior_sample(logp[:B], x, t, self.schedule, generator, t_prev=t_prev,
                                          truncation_rate=truncation_rate,
                                          guidance_scale=float(guidance_scale),
                                          log_p_x0_uncond=logp[B:])
                 else:
                     logp = self._logp(x, torch.full((B,), t, device=device), cond, cond_lengths, None)
-                    x = posterior_sample(logp, x, i, jumps, generator, truncation_rate=truncation_rate)
+                    x = posterior_sample(logp, x, t, self.schedule, generator, t_prev=t_prev,
+                                         truncation_rate=truncation_rate)
         return x.view(B, cfg.height, cfg.width)

@@ -12,14 +12,47 @@ from torch import Tensor
 
 
 def truncate(p: Tensor, r: float) -> Tensor:
-    """Top-r on probabilities p (B, K, N): keep a class while the mass strictly above it in
-    descending order is < r (the most likely class always kept); the rest become 0."""
-    sorted_p, order = torch.sort(p, dim=1, descending=True)
+    """Top-r on probabilities p (B, K, N): in descending order, equal values by index (a stable
+    sort), keep a class while the mass before it is < r (the first class always kept: r = 0
+    keeps only it); the rest become 0. This is diffusers' `truncate` with its ties ordered."""
+    sorted_p, order = torch.sort(p, dim=1, descending=True, stable=True)
     above = sorted_p.cumsum(1) - sorted_p
     keep_sorted = above < r
     keep_sorted[:, 0] = True
     keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
     return torch.where(keep, p, torch.zeros_like(p))
+
+
+def compose_steps(first: Tuple[float, float, float], then: Tuple[float, float, float],
+                  K: int) -> Tuple[float, float, float]:
+    """(a, b, c) of the product of two mask-and-replace transition matrices, `first` applied
+    first: the real block (a1 I + b1 11')(a2 I + b2 11') and the MASK column (a1 + K b1) c2 + c1.
+    No subtraction, so b keeps full relative precision however close a + c is to 1."""
+    a1, b1, c1 = first
+    a2, b2, c2 = then
+    return a1 * a2, a1 * b2 + b1 * a2 + K * b1 * b2, c1 + (a1 + K * b1) * c2
+
+
+def _steps_product(table: Tensor, K: int, start: int, stop: int) -> Tuple[float, float, float]:
+    """(a, b, c) of the forward transition over the one-step rows start..stop-1 (identity when
+    empty), composed step by step from the table's one-step columns."""
+    acc = (1.0, 0.0, 0.0)
+    for s in range(start, stop):
+        acc = compose_steps(acc, tuple(float(v) for v in table[s, :3]), K)
+    return acc
+
+
+def jump_coefs(table: Tensor, K: int, t: Tensor, t_prev: Tensor) -> Tensor:
+    """The kernels' coefficient rows (B, 10) for the reverse jump t -> t_prev (t_prev = -1: x0),
+    built from the one-step rows of `table` alone: the jump's (a, b, c) is the product of the
+    steps t_prev+1 .. t, the cumulative rows at t and t_prev the products from step 0."""
+    rows = []
+    for ti, tpi in zip(t.tolist(), t_prev.tolist()):
+        a, b, c = _steps_product(table, K, tpi + 1, ti + 1)
+        A, B, C = _steps_product(table, K, 0, ti + 1)
+        Ap, Bp, Cp = _steps_product(table, K, 0, tpi + 1)
+        rows.append([a, b, c, A, B, C, Ap, Bp, Cp, 1.0 if tpi < 0 else 0.0])
+    return torch.tensor(rows, dtype=torch.float64, device=t.device).view(len(rows), 10)
 
 
 def guided_log_p(log_p: Tensor, log_p_uncond: Optional[Tensor], guidance_scale: Optional[float]) -> Tensor:

@@ -54,7 +54,8 @@ struct MrPosteriorParams {
   MrLogits logp;               // conditional (or only) log p(x0 | x_t)
   MrLogits logp_uncond;        // data == nullptr: no guidance
   float guidance_scale = 1.f;  // l = l_u + s (l_c - l_u) when logp_uncond is given
-  float truncation_rate = 1.f; // top-r (spec); >= 1 keeps every class
+  float truncation_rate = 1.f; // top-r (spec); >= 1 keeps every class; 0 keeps only the
+                               // first class (lowest index) with the largest float32 p
   MrIndices x_t;
   const double* coefs = nullptr;  // (batch, kMrCoefs)
 
