@@ -52,7 +52,7 @@ inline void accumulate_rows(const float* p, const float* const* v, int64_t count
   F acc[NV];
   for (int i = 0; i < NV; ++i) acc[i] = simd::load<W>(o + i * W);
   for (int64_t t = 0; t < count; ++t) {
-    const F pw = simd::splat<W>(p[t]);
+    const F pw = simd::broadcast<W>(p[t]);
     const float* row = v[t] + d0;
     for (int i = 0; i < NV; ++i) acc[i] += pw * simd::load<W>(row + i * W);
   }

@@ -39,7 +39,7 @@ inline void mm(int64_t kdim, const float* __restrict a, const float* __restrict 
     for (int v = 0; v < NV; ++v) bv[v] = simd::load<W>(b + k * ldb + v * W);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const F ar = simd::splat<W>(a[k * AK + r * AR]);
+      const F ar = simd::broadcast<W>(a[k * AK + r * AR]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
     }

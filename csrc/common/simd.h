@@ -40,6 +40,15 @@ inline typename Vec<W>::F splat(float x) {
   return typename Vec<W>::F{} + x;
 }
 
+// x in every lane, as one broadcast (a load-port vbroadcastss from memory). splat's 0 + x is
+// not x for x = -0, so the compiler keeps the add: a scalar add and a register broadcast on
+// the shuffle port, which on cores with two 512-bit FMA ports is one of the FMA ports (the
+// attention micro-kernel ran at half the FMA rate). x - (+0) is x for every x, so it folds away.
+template <int W>
+inline typename Vec<W>::F broadcast(float x) {
+  return x - typename Vec<W>::F{};
+}
+
 // W bf16 values (raw bits) widened to float: bf16 is the top half of a float, so this is a
 // shift, exact, and needs no conversion instruction.
 template <int W>
