@@ -23,6 +23,17 @@ int64_t key_block(int64_t dp, int64_t dvp) {
   return std::max<int64_t>(align, std::min<int64_t>(256, round_up(16384 / (dp + dvp), align)));
 }
 
+// Query rows per task: 256 where that still gives every thread several tasks, else 128.
+// Each key block is packed once per task, scalar copies of dp floats per key against
+// 2 * dp * rows / W FMAs of products on it: at 128 rows the packing cost ~10% of a 2-FMA-port
+// core's time, at 256 half that. Fewer, larger tasks would leave threads idle on short inputs;
+// local patterns keep 128 (a taller tile's key segments cover more keys its rows cannot see).
+inline int64_t forward_tile_rows(const AttnForwardParams& p, int num_threads) {
+  if (p.pattern.kind != AttnPatternKind::kDense) return 128;
+  const int64_t tasks_at_256 = p.batch * p.heads * ((p.q_len + 255) / 256);
+  return tasks_at_256 >= 4 * int64_t(num_threads) ? 256 : 128;
+}
+
 // Online softmax over one block for one subtile: st holds the block's scores [count][32] and
 // becomes P; m, l are the running max and sum per lane; alpha receives exp(m_old - m_new).
 // Returns whether any alpha differs from 1 (the accumulator then needs rescaling).
@@ -67,7 +78,7 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
   const int64_t D = p.head_dim, Dv = p.v_dim;
   const int64_t dp = round_up(D, W), dvp = round_up(Dv, W);
   const int64_t bk = key_block<W>(dp, dvp);
-  const attn::AttnPlan plan(p, 128);
+  const attn::AttnPlan plan(p, forward_tile_rows(p, num_threads));
   const int64_t tiles = plan.num_tiles();
   const int64_t max_sub = (plan.max_rows() + kLanes - 1) / kLanes;
   const int64_t tasks = p.batch * p.heads * tiles;
