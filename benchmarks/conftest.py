@@ -81,6 +81,8 @@ class BenchResults:
     # test_end_to_end_image_transformer.py: (model, case, peer) -> {"shape", "fast_s", "peer_s",
     # "ratio", "bar" (None: no bar), "note"}; one row each, written by _write_models
     models: Dict[tuple, dict] = field(default_factory=dict)
+    # test_in_model.py: case key -> {"label", "block_ratio", "kernel_ratio", "in_block_over_alone", ...}
+    in_model: Dict[tuple, dict] = field(default_factory=dict)
 
 
 SETTINGS_KEY = pytest.StashKey[BenchSettings]()
@@ -150,6 +152,18 @@ def _fmt_ms(seconds: float) -> str:
 
 
 @pytest.hookimpl(trylast=True)
+def _write_in_model(tr, results, settings):
+    if not results.in_model:
+        return
+    from test_in_model import format_rows  # the benchmark module owns its table
+
+    tr.write_sep("-", "imgtx_fast kernels inside model blocks")
+    tr.write_line(f"fp32 CPU, threads={settings.threads}, mode={settings.mode}, rounds={settings.rounds}"
+                  + ("" if settings.timing else "; smoke: numbers not meaningful, targets not judged"))
+    for line in format_rows(results.in_model, judge=settings.timing):
+        tr.write_line(line)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     settings = config.stash.get(SETTINGS_KEY, None)
     results = config.stash.get(RESULTS_KEY, None)
@@ -160,6 +174,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _write_attention(tr, results, settings)
     _write_end_to_end(tr, results, settings)
     _write_models(tr, results, settings)
+    _write_in_model(tr, results, settings)
     title = "imgtx_fast codebook_lookup summary"
     if not settings.timing:
         tr.write_sep("-", title)

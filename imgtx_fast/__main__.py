@@ -21,7 +21,9 @@ def info() -> int:
         ("torch", torch.__version__),
         ("python", f"{platform.python_version()} on {platform.machine()}"),
         ("cpu path", f"{_C.cpu_isa()} (available: {', '.join(_C.cpu_isas_available())})"),
-        ("cpu threads", f"{torch.get_num_threads()} (torch.get_num_threads(); built-in pool, no OpenMP)"),
+        ("cpu threads", f"{torch.get_num_threads()} (torch.get_num_threads()), run on "
+                        + ("torch's OpenMP team (libgomp)" if _C.cpu_threading() == "openmp"
+                           else "the library's own thread pool")),
         ("cuda compiled", "yes" if _C.cuda_compiled() else "no"),
         ("cuda archs", _C.cuda_archs() or "-"),
         *cuda_rows,
