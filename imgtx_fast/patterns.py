@@ -10,11 +10,19 @@ from dataclasses import dataclass
 from typing import Tuple, Union
 
 
+# The kernels take sequences shorter than 2^31 and hold positions in 32-bit ints, so no field
+# needs more; larger values (past int64 too) would reach them as overflowing arithmetic.
+MAX_FIELD = 2**31 - 1
+
+
 def _positive_int(value, name: str, owner: str, allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{owner}: {name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    if value > MAX_FIELD:
+        raise ValueError(f"{owner}: {name} must be <= 2^31 - 1 (the kernels' sequences are "
+                         f"shorter than 2^31), got {value}")
     return value
 
 

@@ -155,8 +155,13 @@ def _attention_cases():
          r"batch sizes differ"),
         ("Nk_huge_kv_mismatch", lambda: A(q, _huge(2, 2, BIG, 8), _huge(2, 2, BIG - 1, 8)), ValueError,
          r"k and v must have the same"),
+        ("Nq_2p31", lambda: A(_huge(1, 1, BIG, 8), _huge(1, 1, BIG, 8), _huge(1, 1, BIG, 8)), ValueError,
+         r"q sequence length must be < 2\^31"),
         ("mask_huge_shape", lambda: A(q, k, v, attn_mask=_huge(BIG, 6, dtype=torch.bool)), ValueError,
          r"attn_mask of shape \(2147483649, 6\)"),
+        # broadcasting the other way (the mask's 5 queries onto q's 1) is no broadcast to q
+        ("mask_wider_than_q", lambda: A(q[:, :, :1], k, v, attn_mask=torch.zeros(5, 6)), ValueError,
+         r"attn_mask of shape \(5, 6\) does not broadcast"),
     ]
 
 

@@ -8,7 +8,7 @@ from typing import List
 import numpy as np
 
 from .. import _C
-from ..patterns import Local1d, Local2d
+from ..patterns import MAX_FIELD, Local1d, Local2d
 from .arrays import element_strides, float_code
 from .common import check_real, dense_last, same_device, strided
 
@@ -30,8 +30,43 @@ def pattern_args(pattern) -> List[int]:
         return [_LOCAL1D, pattern.block, pattern.filter_width, int(pattern.causal), 0, 0, 0, 0, 0, 0]
     if isinstance(pattern, Local2d):
         (qh, qw), (fh, fw) = pattern.query_shape, pattern.memory_flange
+        # A query tile wider (taller) than the image is the whole width (height): the same
+        # pattern, and the kernels' in-tile positions (r - r0) * qw + (c - c0) then stay below
+        # height * width instead of overflowing their 32 bits.
+        qh, qw = min(qh, pattern.height), min(qw, pattern.width)
         return [_LOCAL2D, 0, 0, int(pattern.causal), pattern.height, pattern.width, qh, qw, fh, fw]
     raise TypeError(f"{_OP}: pattern must be Local1d, Local2d or None, got {type(pattern).__name__}")
+
+
+def pattern_from_args(args: List[int], op: str = _OP):
+    """The Local1d / Local2d / None that the kernels' pattern list encodes (pattern_args'
+    inverse). The raw ops take the list: building the pattern checks every field of it."""
+    if len(args) != 10:
+        raise ValueError(f"{op}: pattern must be the kernels' list of 10 ints (pattern_args), "
+                         f"got {len(args)} entries")
+    kind, causal = args[0], args[3]
+    if causal not in (0, 1):
+        raise ValueError(f"{op}: pattern[3] (causal) must be 0 or 1, got {causal}")
+    if kind == _DENSE:
+        return None
+    try:
+        if kind == _LOCAL1D:
+            return Local1d(block=args[1], causal=bool(causal), filter_width=args[2])
+        if kind == _LOCAL2D:
+            return Local2d(args[4], args[5], (args[6], args[7]), (args[8], args[9]), bool(causal))
+    except (TypeError, ValueError) as e:  # the field's own message, with the op and argument
+        raise type(e)(f"{op}: pattern {list(args)}: {e}") from None
+    raise ValueError(f"{op}: pattern[0] (kind) must be {_DENSE} (dense), {_LOCAL1D} (Local1d) or "
+                     f"{_LOCAL2D} (Local2d), got {kind}")
+
+
+def kernel_causal_offset(offset: int) -> int:
+    """causal_offset as the kernels take it: query i sees keys j <= i + offset. Past +-2^31 every
+    offset means the same (all keys, or none, as i and j are below 2^31), so it is clamped there
+    and i + offset never overflows their int64 arithmetic. _NO_CAUSAL passes through."""
+    if offset == _NO_CAUSAL:
+        return offset
+    return max(-MAX_FIELD - 1, min(offset, MAX_FIELD + 1))
 
 
 NO_MASK = (0, _MASK_NONE, 0, 0, 0, 0, 0)  # the kernels' attn_mask argument without a mask
@@ -62,6 +97,9 @@ def check_shapes(q_shape, k_shape, v_shape, pattern) -> None:
     for name, d in (("q/k", D), ("v", v_shape[3])):
         if not 1 <= d <= _MAX_HEAD_DIM:
             raise ValueError(f"{_OP}: {name} head dim must be in [1, {_MAX_HEAD_DIM}], got {d}")
+    for name, n in (("q", Nq), ("k", k_shape[2])):
+        if n > MAX_FIELD:
+            raise ValueError(f"{_OP}: {name} sequence length must be < 2^31, got {n}")
     if pattern is not None:
         if not isinstance(pattern, (Local1d, Local2d)):
             raise TypeError(f"{_OP}: pattern must be Local1d, Local2d or None, got {type(pattern).__name__}")

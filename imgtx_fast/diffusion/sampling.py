@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from .._backend import get_backend
-from .._dtypes import float_code
 from .._frontend.diffusion import check_truncation_and_guidance
 from ..ops import diffusion as _ops
 from ..ops._launch import eager_fast_path
@@ -38,18 +37,7 @@ def _check_schedule(sched, op):
 
 
 def check_logp(t, name: str, sched: MaskAndReplaceSchedule, op: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    float_code(t, name, op)
-    if t.dim() != 3:
-        raise ValueError(f"{op}: {name} must have shape (B, K, N), got {tuple(t.shape)}")
-    if t.shape[1] != sched.num_classes:
-        raise ValueError(f"{op}: {name} has K = {t.shape[1]} classes (dim 1) but the schedule has "
-                         f"num_classes = {sched.num_classes}")
-    if t.layout != torch.strided:  # sparse tensors have no strided data pointer
-        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {t.layout}")
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{op}: {name} must be on a cpu or cuda device, got {t.device}")
+    _ops.check_logits(t, name, op, num_classes=sched.num_classes)  # the raw ops' check too
 
 
 def check_index(x, name: str, shape, device, op: str) -> Tensor:

@@ -17,24 +17,14 @@ from torch import Tensor
 
 from .. import _C
 from .._backend import get_backend
-from .._dtypes import float_code
+from .._dtypes import FLOAT_CODES, float_code
 # The kernels' argument encoding (pattern list, attn_mask argument) and the shape checks are the
 # torch-free front end's; `_NO_CAUSAL` is the causal_offset meaning "not causal".
-from .._frontend.attention import (_LOCAL1D, _LOCAL2D, _NO_CAUSAL, _OP, NO_MASK, check_shapes,
-                                   mask_arg, pattern_args)
+from .._frontend.attention import (_NO_CAUSAL, _OP, NO_MASK, check_shapes, kernel_causal_offset,
+                                   mask_arg, pattern_args, pattern_from_args)
 from .._frontend.common import check_int, check_real
-from ..patterns import Local1d, Local2d
 from ..reference import attention as _reference
 from ._launch import cuda_module, cuda_stream, device_guard, eager_fast_path, num_threads
-
-
-def pattern_from_args(args: List[int]):
-    kind = args[0]
-    if kind == _LOCAL1D:
-        return Local1d(block=args[1], causal=bool(args[3]), filter_width=args[2])
-    if kind == _LOCAL2D:
-        return Local2d(args[4], args[5], (args[6], args[7]), (args[8], args[9]), bool(args[3]))
-    return None
 
 
 def _tensor_arg(t: Tensor, name: str):
@@ -100,12 +90,109 @@ def _reference_backward(grad_out, grad_lse, q, k, v, out, key_lengths, attn_mask
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _check_raw(q: Tensor, key_lengths: Optional[Tensor], attn_mask: Optional[Tensor]) -> None:
-    """What the kernels read blindly: the raw ops check it too (cheap, shape-only)."""
-    if key_lengths is not None and (key_lengths.dtype != torch.int64 or key_lengths.shape != (q.shape[0],)):
-        raise ValueError(f"{_OP}: key_lengths must be int64 of shape ({q.shape[0]},)")
-    if attn_mask is not None and attn_mask.dim() != 4:
-        raise ValueError(f"{_OP}: the op takes attn_mask expanded to 4-D (B, H, Nq, Nk)")
+_BWD = "attention_backward"
+
+
+def _check_strided(t, name: str, op: str = _OP) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:  # sparse/mkldnn tensors have no strided data pointer
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {t.layout}")
+
+
+def _check_qkv(q, k, v, pattern, kernel_device: bool = True) -> None:
+    """q, k and v against each other and the pattern: attention_op's and the raw ops' check.
+    kernel_device=False (the fake impls) lets meta tensors through: they have shapes, no data."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_strided(t, name)
+        float_code(t, name, _OP)
+        if t.dim() != 4:
+            raise ValueError(f"{_OP}: {name} must be 4-D (B, heads, N, D), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{_OP}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{_OP}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if kernel_device and q.device.type not in ("cpu", "cuda"):  # meta tensors have no data
+        raise ValueError(f"{_OP}: q, k and v must be on a cpu or cuda device, got {q.device}")
+    check_shapes(q.shape, k.shape, v.shape, pattern)
+
+
+def _check_aux(t, name: str, shape, refs, dtypes, op: str = _OP) -> None:
+    """A tensor whose shape, dtypes and device q fixes: key_lengths, and the backward's out,
+    grad_out, lse and grad_lse. refs: the (name, tensor) pairs its shape comes from, q first."""
+    if not isinstance(t, Tensor) or t.dtype not in dtypes:
+        names = "/".join(str(d).replace("torch.", "") for d in dtypes)
+        got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+        raise TypeError(f"{op}: {name} must be {'an' if names[0] == 'i' else 'a'} {names} tensor "
+                        f"of shape {tuple(shape)}, got {got}")
+    _check_strided(t, name, op)
+    if tuple(t.shape) != tuple(shape):
+        source = " and ".join(f"{n} {tuple(r.shape)}" for n, r in refs)
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)} (from {source}), got "
+                         f"{tuple(t.shape)}")
+    if t.device != refs[0][1].device:
+        raise ValueError(f"{op}: {name} is on {t.device}, {refs[0][0]} on {refs[0][1].device}")
+
+
+def _check_mask(attn_mask, q, k, expanded: bool) -> None:
+    """attn_mask: bool (True = visible) or additive float, on q's device, broadcastable to
+    (B, H, Nq, Nk) of q and k; expanded=True (the raw ops, whose kernels read it through four
+    strides) wants that shape exactly."""
+    shape = tuple(q.shape[:3]) + (k.shape[2],)
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"{_OP}: attn_mask must be a tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool:
+        float_code(attn_mask, "attn_mask", _OP)
+    _check_strided(attn_mask, "attn_mask")
+    if expanded:
+        if tuple(attn_mask.shape) != shape:
+            raise ValueError(f"{_OP}: the op takes attn_mask expanded to (B, H, Nq, Nk) = {shape} "
+                             f"of q and k (a stride-0 view), got shape {tuple(attn_mask.shape)}")
+    else:
+        try:
+            ok = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, shape) == shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{_OP}: attn_mask of shape {tuple(attn_mask.shape)} does not "
+                             f"broadcast to (B, H, Nq, Nk) = {shape}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"{_OP}: attn_mask is on {attn_mask.device}, q on {q.device}")
+
+
+def _check_raw(q, k, v, key_lengths, attn_mask, pattern, causal_offset,
+               kernel_device: bool = True) -> Tuple[List[int], int]:
+    """The raw forward's arguments, as attention_op builds them: key_lengths int64 and
+    contiguous, attn_mask expanded, the kernels' pattern list. Shapes, dtypes and devices only,
+    no data (the fake impls run it too). Returns the pattern list and causal_offset as the
+    kernels take them (pattern_args and kernel_causal_offset: the same pattern and offset)."""
+    pat = pattern_from_args(pattern)
+    _check_qkv(q, k, v, pat, kernel_device)
+    if key_lengths is not None:
+        _check_aux(key_lengths, "key_lengths", (q.shape[0],), (("q", q),), (torch.int64,))
+        if not key_lengths.is_contiguous():  # the kernels read B consecutive int64
+            raise ValueError(f"{_OP}: key_lengths must be contiguous, got stride {key_lengths.stride()}")
+    if attn_mask is not None:
+        _check_mask(attn_mask, q, k, expanded=True)
+    if pat is not None and causal_offset != _NO_CAUSAL:
+        raise ValueError(f"{_OP}: a pattern carries its own causality; causal_offset must be "
+                         f"{_NO_CAUSAL} (not causal) with it, got {causal_offset}")
+    return pattern_args(pat), kernel_causal_offset(causal_offset)
+
+
+def _check_backward_raw(grad_out, grad_lse, q, k, v, out, lse, key_lengths, attn_mask, pattern,
+                        causal_offset, kernel_device: bool = True) -> Tuple[List[int], int]:
+    """_check_raw, and the tensors only the backward reads: out and lse as the forward gave
+    them, grad_out and grad_lse of their shapes (any kernel float dtype: they are converted)."""
+    kernel_args = _check_raw(q, k, v, key_lengths, attn_mask, pattern, causal_offset, kernel_device)
+    rows, out_shape = tuple(q.shape[:3]), tuple(q.shape[:3]) + (v.shape[3],)
+    qv = (("q", q), ("v", v))
+    _check_aux(out, "out", out_shape, qv, (q.dtype,), _BWD)
+    _check_aux(grad_out, "grad_out", out_shape, qv, tuple(FLOAT_CODES), _BWD)
+    _check_aux(lse, "lse", rows, qv[:1], (torch.float32,), _BWD)
+    if grad_lse is not None:
+        _check_aux(grad_lse, "grad_lse", rows, qv[:1], tuple(FLOAT_CODES), _BWD)
+    return kernel_args
 
 
 def cuda_kernels_enabled() -> bool:
@@ -135,7 +222,7 @@ def _workspace(nbytes: int, device) -> Tensor:
 
 
 def _forward_impl(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale):
-    _check_raw(q, key_lengths, attn_mask)
+    """The forward on checked arguments (_check_raw, or attention_op's _check)."""
     q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
     cuda = _cuda_kernels(q, k, v, key_lengths, attn_mask, pattern, causal_offset)
     if q.device.type != "cpu" and cuda is None:
@@ -166,11 +253,13 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_lengths: Optional[Ten
                       attn_mask: Optional[Tensor], pattern: List[int], causal_offset: int,
                       scale: float) -> Tuple[Tensor, Tensor]:
     """(out (B, H, Nq, Dv) in q's dtype, lse (B, H, Nq) float32)."""
+    pattern, causal_offset = _check_raw(q, k, v, key_lengths, attn_mask, pattern, causal_offset)
     return _forward_impl(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale)
 
 
 @attention_forward.register_fake
 def _(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale):
+    _check_raw(q, k, v, key_lengths, attn_mask, pattern, causal_offset, kernel_device=False)
     B, H, Nq, _ = q.shape
     out = q.new_empty((B, Nq, H, v.shape[3])).transpose(1, 2)
     return out, q.new_empty((B, H, Nq), dtype=torch.float32)
@@ -181,7 +270,8 @@ def attention_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, 
                        v: Tensor, out: Tensor, lse: Tensor, key_lengths: Optional[Tensor],
                        attn_mask: Optional[Tensor], pattern: List[int], causal_offset: int,
                        scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    _check_raw(q, key_lengths, attn_mask)
+    pattern, causal_offset = _check_backward_raw(grad_out, grad_lse, q, k, v, out, lse, key_lengths,
+                                                 attn_mask, pattern, causal_offset)
     cuda = _cuda_kernels(q, k, v, key_lengths, attn_mask, pattern, causal_offset, backward=True)
     if q.device.type != "cpu" and cuda is None:
         return _reference_backward(grad_out, grad_lse, q, k, v, out, key_lengths, attn_mask,
@@ -212,6 +302,8 @@ def attention_backward(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, 
 
 @attention_backward.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, key_lengths, attn_mask, pattern, causal_offset, scale):
+    _check_backward_raw(grad_out, grad_lse, q, k, v, out, lse, key_lengths, attn_mask, pattern,
+                        causal_offset, kernel_device=False)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -316,30 +408,10 @@ def _on_meta(t) -> bool:
 
 
 def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        float_code(t, name, _OP)
-        if t.layout != torch.strided:  # sparse/mkldnn tensors have no strided data pointer
-            raise TypeError(f"{_OP}: {name} must be a dense (strided) tensor, got {t.layout}")
-        if t.dim() != 4:
-            raise ValueError(f"{_OP}: {name} must be 4-D (B, heads, N, D), got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{_OP}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{_OP}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type not in ("cpu", "cuda") and not _on_meta(q):  # no data for the kernels
-        raise ValueError(f"{_OP}: q, k and v must be on a cpu or cuda device, got {q.device}")
-    check_shapes(q.shape, k.shape, v.shape, pattern)
-    B, H, Nq, _ = q.shape
+    _check_qkv(q, k, v, pattern, kernel_device=not _on_meta(q))
     Nk = k.shape[2]
     if key_lengths is not None:
-        if not isinstance(key_lengths, Tensor) or key_lengths.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{_OP}: key_lengths must be an int32/int64 tensor of shape ({B},)")
-        if key_lengths.shape != (B,):
-            raise ValueError(f"{_OP}: key_lengths must have shape ({B},), got {tuple(key_lengths.shape)}")
-        if key_lengths.device != q.device:
-            raise ValueError(f"{_OP}: key_lengths is on {key_lengths.device}, q on {q.device}")
+        _check_aux(key_lengths, "key_lengths", (q.shape[0],), (("q", q),), (torch.int32, torch.int64))
         # Values are data: read them in eager mode on the CPU only (the CPU kernel checks them
         # again; on CUDA a read would synchronise every call, and the kernels clamp them).
         if (key_lengths.device.type == "cpu" and not torch.compiler.is_compiling() and key_lengths.numel()
@@ -348,22 +420,7 @@ def _check(q, k, v, key_lengths, attn_mask, pattern, scale):
             raise ValueError(f"{_OP}: key_lengths must be in [0, {Nk}], got values in "
                              f"[{int(key_lengths.min())}, {int(key_lengths.max())}]")
     if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"{_OP}: attn_mask must be a tensor, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool:
-            float_code(attn_mask, "attn_mask", _OP)
-        if attn_mask.layout != torch.strided:
-            raise TypeError(f"{_OP}: attn_mask must be a dense (strided) tensor, got {attn_mask.layout}")
-        try:
-            torch.broadcast_shapes(attn_mask.shape, (B, H, Nq, Nk))
-            ok = attn_mask.dim() <= 4
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{_OP}: attn_mask of shape {tuple(attn_mask.shape)} does not "
-                             f"broadcast to (B, H, Nq, Nk) = {(B, H, Nq, Nk)}")
-        if attn_mask.device != q.device:
-            raise ValueError(f"{_OP}: attn_mask is on {attn_mask.device}, q on {q.device}")
+        _check_mask(attn_mask, q, k, expanded=False)
         if attn_mask.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{_OP}: attn_mask requires grad, and the fused kernel has no "
                              "gradient for masks (use torch's scaled_dot_product_attention)")
@@ -388,7 +445,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, *, causal_offset: Optional[int
     if key_lengths is not None:
         key_lengths = key_lengths.to(torch.int64).contiguous()
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    offset = _NO_CAUSAL if causal_offset is None else causal_offset
+    offset = _NO_CAUSAL if causal_offset is None else kernel_causal_offset(causal_offset)
     if get_backend() == "reference" and not _on_meta(q):  # the plain-PyTorch twin, differentiable
         out, lse = _reference.attention(q, k, v, key_lengths=key_lengths,
                                         attn_mask=_reference_mask(q, k, attn_mask, offset),
