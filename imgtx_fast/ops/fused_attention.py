@@ -28,7 +28,8 @@ from ._launch import cuda_module, cuda_stream, device_guard, eager_fast_path, nu
 
 
 def _tensor_arg(t: Tensor, name: str):
-    return (t.data_ptr(), float_code(t, name, _OP), t.stride(0), t.stride(1), t.stride(2))
+    s = t.stride()  # one call, not three: this runs three times per call on the eager path
+    return (t.data_ptr(), float_code(t, name, _OP), s[0], s[1], s[2])
 
 
 def _mask_arg(mask: Optional[Tensor]):
@@ -235,8 +236,9 @@ def _forward_impl(q, k, v, key_lengths, attn_mask, pattern, causal_offset, scale
         return out, lse.fill_(_reference.LSE_EMPTY)
     if Nk == 0:  # no key at all: an (.., Nq, 0) attn_mask has no data pointer for the kernels
         return out.zero_(), lse.fill_(_reference.LSE_EMPTY)
+    so = out.stride()
     args = ((B, H, Hkv, Nq, Nk, D, Dv), _tensor_arg(q, "q"), _tensor_arg(k, "k"),
-            _tensor_arg(v, "v"), (out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)),
+            _tensor_arg(v, "v"), (out.data_ptr(), so[0], so[1], so[2]),
             lse.data_ptr(), float(scale), int(causal_offset), _mask_arg(attn_mask),
             key_lengths.data_ptr() if key_lengths is not None else 0, list(pattern))
     if cuda is not None:
