@@ -1,6 +1,5 @@
 """codebook_lookup against its float64 reference: exactness, outputs, layouts, dtypes, errors."""
 import threading
-import time
 
 import pytest
 import torch
@@ -251,31 +250,3 @@ def test_tiny_values_are_exact(cpu_isa):
     c = torch.randn(64, 8, generator=g) * 1e-21
     z = c[torch.randint(0, 64, (100,), generator=g)] + 1e-22 * torch.randn(100, 8, generator=g)
     check_outputs(z, c)
-
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
-def test_works_in_a_forked_child_after_the_parent_used_the_pool():
-    """DataLoader workers fork after the parent ran kernels: the child must not wait for the
-    parent's pool threads, which do not exist in it."""
-    import os
-
-    z, c = torch.randn(2000, 32), torch.randn(500, 32)
-    expected = codebook_lookup(z, c)[0]  # starts the pool's threads in the parent
-    pid = os.fork()
-    if pid == 0:  # child: exit status says whether the lookup ran and was right
-        ok = False
-        try:
-            ok = torch.equal(codebook_lookup(z, c)[0], expected)
-        finally:
-            os._exit(0 if ok else 1)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        pytest.fail("the lookup in the forked child hung (waiting for the parent's pool threads)")
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
