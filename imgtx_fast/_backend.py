@@ -5,11 +5,20 @@ import threading
 _BACKENDS = ("fast", "reference")
 _state = threading.local()  # .backend: this thread's `backend()` block, .frames: its open blocks
 _default = "fast"
+_reference_blocks = 0  # open backend("reference") blocks, all threads (fast_everywhere)
+_blocks_lock = threading.Lock()
 
 
 def get_backend() -> str:
     """The backend ops use now in this thread: 'fast' (compiled kernels) or 'reference'."""
     return getattr(_state, "backend", _default)
+
+
+def fast_everywhere() -> bool:
+    """True when no thread can be on the reference backend: the default is 'fast' and no
+    backend('reference') block is open. A cheap global test (get_backend() reads a
+    thread-local) for the per-call fast paths; when False they ask get_backend()."""
+    return _default == "fast" and not _reference_blocks
 
 
 def _check(name) -> None:
@@ -50,15 +59,21 @@ def backend(name: str):
     On exit -- normal, by an exception, nested or not -- the thread's backend is again the one
     active when the block was entered, even if set_backend() was called inside it (that switch
     is undone then; set_backend calls of other threads are not)."""
-    global _default
+    global _default, _reference_blocks
     _check(name)
     frame = _Frame()
     frames = _state.__dict__.setdefault("frames", [])
     frames.append(frame)
     _state.backend = name
+    if name == "reference":
+        with _blocks_lock:
+            _reference_blocks += 1
     try:
         yield
     finally:
+        if name == "reference":
+            with _blocks_lock:
+                _reference_blocks -= 1
         frames.remove(frame)  # by identity (_Frame has no __eq__)
         if frame.set_default:
             _default = frame.default

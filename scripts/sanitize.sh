@@ -74,7 +74,7 @@ DEFAULT_TESTS="tests/test_codebook.py tests/test_codebook_autograd.py tests/test
   tests/test_diffusion_api.py tests/test_diffusion_loss.py tests/test_attention.py
   tests/test_attention_nn.py tests/test_vector_quantizer.py
   tests/test_reliability_bad_input.py tests/test_reliability_fuzz.py
-  tests/test_reliability_threads.py tests/test_raw_op_checks.py"
+  tests/test_reliability_threads.py tests/test_raw_op_checks.py tests/test_attention_eager.py"
 # shellcheck disable=SC2086
 read -r -a TESTS <<<"$(echo ${SANITIZE_TESTS:-$DEFAULT_TESTS})"
 # libstdc++ is preloaded with libasan: python itself does not link it, and ASan's __cxa_throw

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import imgtx_fast.nn.attention as nn_attention
 import imgtx_fast.nn.functional as nn_functional
 from imgtx_fast import Local1d, Local2d
+from imgtx_fast._frontend.attention import _NO_CAUSAL
 from imgtx_fast.nn import KVCache, LocalAttention1d, LocalAttention2d, MultiheadAttention
 from imgtx_fast.nn.functional import scaled_dot_product_attention as fused_sdpa
 from imgtx_fast.reference import attention as reference
@@ -31,7 +32,9 @@ def _fresh_warnings():
 
 
 class Spy:
-    """Records the keyword arguments of every call of the fused op made through `module`."""
+    """Records the keyword arguments of every call of the fused op made through `module`: its
+    attention_op, and the one-call path (eager_forward) where the module has one, as the same
+    keywords (causal_offset None when not causal)."""
 
     def __init__(self, monkeypatch, module):
         self.calls = []
@@ -42,6 +45,19 @@ class Spy:
             return real(*args, **kwargs)
 
         monkeypatch.setattr(module, "attention_op", spy)
+        if hasattr(module, "eager_forward"):
+            real_eager = module.eager_forward
+
+            def eager_spy(q, k, v, causal_offset, align_end, key_lengths, attn_mask, scale, **kw):
+                done = real_eager(q, k, v, causal_offset, align_end, key_lengths, attn_mask, scale,
+                                  **kw)
+                if done is not None:
+                    self.calls.append(dict(
+                        causal_offset=None if causal_offset == _NO_CAUSAL else causal_offset,
+                        key_lengths=key_lengths, attn_mask=attn_mask, scale=scale))
+                return done
+
+            monkeypatch.setattr(module, "eager_forward", eager_spy)
 
 
 @pytest.fixture

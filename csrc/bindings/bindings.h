@@ -10,6 +10,8 @@ void register_info(pybind11::module_& m);
 void register_codebook(pybind11::module_& m);
 void register_diffusion(pybind11::module_& m);
 void register_attention(pybind11::module_& m);
+// _C only: the CPU forward's one-call entry point (attention_eager.cpp).
+void register_attention_eager(pybind11::module_& m);
 
 }  // namespace bindings
 }  // namespace imgtx

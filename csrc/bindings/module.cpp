@@ -8,4 +8,5 @@ PYBIND11_MODULE(_C, m) {
   imgtx::bindings::register_codebook(m);
   imgtx::bindings::register_diffusion(m);
   imgtx::bindings::register_attention(m);
+  imgtx::bindings::register_attention_eager(m);
 }

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from .._dtypes import FLOAT_CODES
 from .._frontend.common import real_scalar
-from ..ops.fused_attention import attention_op
+from .._frontend.attention import _NO_CAUSAL
+from ..ops.fused_attention import attention_op, eager_forward
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -129,6 +130,18 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  enable_gqa: bool = False) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention on the fused kernel (same arguments,
     same result); falls back to torch's function where the kernel cannot compute the call."""
+    # The common eager CPU call -- 4-D, no dropout, an optional mask of torch's accepted dtypes --
+    # in one compiled call, which checks the rest (shapes, heads, head dims, strides) itself
+    # and declines, leaving torch's errors and the fallbacks to the checks below.
+    if (type(query) is Tensor and type(dropout_p) in (float, int) and dropout_p == 0
+            and (enable_gqa is False or enable_gqa is True)
+            and (is_causal is False or (is_causal is True and attn_mask is None))
+            and (attn_mask is None or (type(attn_mask) is Tensor and (
+                attn_mask.dtype is torch.bool or attn_mask.dtype is query.dtype)))):
+        done = eager_forward(query, key, value, 0 if is_causal else _NO_CAUSAL, False, None,
+                             attn_mask, scale, gqa=enable_gqa, contiguous=True, want_lse=False)
+        if done is not None:
+            return done[0]
     reason, warn = _why_not_fused(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                   enable_gqa)
     if reason is not None:

@@ -60,7 +60,7 @@ def two_level_rows(t: torch.Tensor):
     return (t,) + rows
 
 
-def _transform_or_mode_active() -> bool:
+def transform_or_mode_active() -> bool:
     """Whether a functorch transform (vmap, grad) or a torch_dispatch mode (FlopCounterMode, ...)
     is active: they must see the registered op. Only private torch APIs answer this cheaply;
     where a torch release lacks one, the answer is "active", so calls take the registered op
@@ -78,12 +78,13 @@ def eager_fast_path(*tensors) -> bool:
     tracing, functorch transform or dispatch mode. The custom-op dispatcher costs ~40 us per
     call, as much as the kernel of a small call (a decoding step of a small layer, a sampling
     step of a few tokens)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _transform_or_mode_active():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or transform_or_mode_active():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t is None:
             continue
-        if type(t) is not Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
+        # is_cpu, not device.type == "cpu": 0.05 us against 0.5 us a tensor
+        if type(t) is not Tensor or not t.is_cpu or (grad and t.requires_grad):
             return False
     return True

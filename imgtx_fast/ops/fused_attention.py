@@ -20,11 +20,14 @@ from .._backend import get_backend
 from .._dtypes import FLOAT_CODES, float_code
 # The kernels' argument encoding (pattern list, attn_mask argument) and the shape checks are the
 # torch-free front end's; `_NO_CAUSAL` is the causal_offset meaning "not causal".
-from .._frontend.attention import (_NO_CAUSAL, _OP, NO_MASK, check_shapes, kernel_causal_offset,
-                                   mask_arg, pattern_args, pattern_from_args)
+from .._frontend.attention import (_MAX_HEAD_DIM, _NO_CAUSAL, _OP, NO_MASK, check_shapes,
+                                   kernel_causal_offset, mask_arg, pattern_args, pattern_from_args)
 from .._frontend.common import check_int, check_real
+from ..patterns import MAX_FIELD
 from ..reference import attention as _reference
-from ._launch import cuda_module, cuda_stream, device_guard, eager_fast_path, num_threads
+from .._backend import fast_everywhere
+from ._launch import (EMULATOR, cuda_module, cuda_stream, device_guard, eager_fast_path,
+                      num_threads, transform_or_mode_active)
 
 
 def _tensor_arg(t: Tensor, name: str):
@@ -404,6 +407,66 @@ for _op in (torch.ops.imgtx.attention_forward.default, torch.ops.imgtx.attention
         _register_autocast(_op, _device_type)
 
 
+# attn_mask dtype codes of the one-call entry point: an additive mask's float code, 3 for bool
+_EAGER_MASK_CODES = {**FLOAT_CODES, torch.bool: 3}
+
+
+def eager_forward(q, k, v, causal_offset: int, align_end: bool, key_lengths, attn_mask, scale,
+                  gqa: bool, contiguous: bool, want_lse: bool):
+    """The forward of a plain eager CPU call in one compiled call (_C.attention_forward_cpu_eager,
+    which reads the tensors' sizes and strides itself): (out, lse or None), or None when the call
+    takes the general path: autograd, torch.compile, tracing, a functorch transform or dispatch
+    mode, autocast, the reference backend, the emulator, other devices or dtypes, int32
+    key_lengths, or anything the kernels would reject (the general path then says why).
+
+    causal_offset: the kernels' (_NO_CAUSAL: not causal); align_end adds Nk - Nq (bottom-right).
+    gqa: False allows only Hkv == H or 1 (torch SDPA without enable_gqa). contiguous: out laid out
+    (B, H, Nq, Dv) as torch's SDPA returns it; else (B, Nq, H, Dv) memory, what the output
+    projection reads."""
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+        return None
+    if not (q.is_cpu and k.is_cpu and v.is_cpu):
+        return None
+    code = FLOAT_CODES.get(q.dtype)
+    if code is None:
+        return None
+    mask_code = -1
+    if attn_mask is not None:
+        if type(attn_mask) is not Tensor or not attn_mask.is_cpu:
+            return None
+        mask_code = _EAGER_MASK_CODES.get(attn_mask.dtype)
+        if mask_code is None:
+            return None
+    if key_lengths is not None and (type(key_lengths) is not Tensor or not key_lengths.is_cpu
+                                    or key_lengths.dtype is not torch.int64):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
+            attn_mask is not None and attn_mask.requires_grad)):
+        return None
+    if (not fast_everywhere() or EMULATOR.get() is not None or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or transform_or_mode_active()):
+        return None
+    qs, vs = q.shape, v.shape
+    if len(qs) != 4 or len(vs) != 4:
+        return None
+    B, H, Nq, _ = qs
+    Dv = vs[3]
+    if Nq > MAX_FIELD or not 1 <= Dv <= _MAX_HEAD_DIM:  # never allocate for a call C declines
+        return None
+    if align_end:
+        causal_offset = vs[2] - Nq
+    if contiguous:
+        out = torch.empty((B, H, Nq, Dv), dtype=q.dtype)
+    else:
+        out = torch.empty_strided((B, H, Nq, Dv), (Nq * H * Dv, Dv, H * Dv, 1), dtype=q.dtype)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32) if want_lse else None
+    if _C.attention_forward_cpu_eager(q, k, v, out, lse, code, attn_mask, mask_code, key_lengths,
+                                      scale, causal_offset, gqa, num_threads()):
+        return out, lse
+    return None
+
+
 def _on_meta(t) -> bool:
     """Meta tensors (deferred init, shape inference) run the op's fake impl: shapes, no data."""
     return isinstance(t, Tensor) and t.device.type == "meta"
@@ -434,6 +497,12 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, *, causal_offset: Optional[int
                  pattern=None, scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """attention() with the causal alignment spelled out: query i sees keys j <= i +
     causal_offset (None: no causal mask). Returns (out, lse)."""
+    if pattern is None and (causal_offset is None or type(causal_offset) is int):
+        offset = _NO_CAUSAL if causal_offset is None else kernel_causal_offset(causal_offset)
+        done = eager_forward(q, k, v, offset, False, key_lengths, attn_mask, scale, gqa=True,
+                             contiguous=False, want_lse=True)
+        if done is not None:
+            return done
     _check(q, k, v, key_lengths, attn_mask, pattern, scale)
     if causal_offset is not None:
         causal_offset = check_int(causal_offset, "causal_offset", _OP)
@@ -473,6 +542,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     pattern:     Local1d / Local2d (Image Transformer local attention), block-sparse.
     A query that sees no key outputs zeros (its lse is reference.LSE_EMPTY).
     """
+    if pattern is None and (causal is False or causal is True):
+        done = eager_forward(q, k, v, 0 if causal else _NO_CAUSAL, causal, key_lengths, attn_mask,
+                             scale, gqa=True, contiguous=False, want_lse=return_lse is True)
+        if done is not None:
+            return done if return_lse is True else done[0]
     if not isinstance(causal, bool):
         raise TypeError(f"{_OP}: causal must be a bool, got {type(causal).__name__}")
     if causal and pattern is not None:
