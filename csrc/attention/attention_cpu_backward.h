@@ -138,15 +138,17 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
         const KeyBlock& blk = s.blk;
         const int64_t padded = round_up(blk.count, Shape<W>::kRowAlign);
         bool packed = false;
-        const float* krows = nullptr;
-        int64_t ldk = 0;
+        const float *krows = nullptr, *k_in = nullptr, *v_in = nullptr;  // *_in: read in place
+        int64_t ldk = 0, ldv = 0;
         for (int64_t i = 0; i < nsub; ++i) {
           const Subtile& sub = s.sub[size_t(i)];
           const Visibility vis = classify(blk, sub, has_mask);
           if (vis == Visibility::kNone) continue;
           if (!packed) {
-            pack_panels<P>(p.k, b, g, blk, D, dp, padded, s.kp.data(), s.tmp.data());
-            pack_panels<P>(p.v, b, g, blk, Dv, dvp, padded, s.vp.data(), s.tmp.data());
+            k_in = rows_in_place(p.k, b, g, blk, D, dp, ldk);
+            v_in = rows_in_place(p.v, b, g, blk, Dv, dvp, ldv);
+            if (!k_in) pack_panels<P>(p.k, b, g, blk, D, dp, padded, s.kp.data(), s.tmp.data());
+            if (!v_in) pack_panels<P>(p.v, b, g, blk, Dv, dvp, padded, s.vp.data(), s.tmp.data());
             krows = rows_fp32(p.k, b, g, blk, D, dp, s.kr.data(), ldk);
             std::fill(s.dkb.begin(), s.dkb.begin() + padded * dp, 0.0f);
             std::fill(s.dvb.begin(), s.dvb.begin() + padded * dvp, 0.0f);
@@ -156,9 +158,15 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
           const int64_t cpad = round_up(count, Shape<W>::kRowAlign);
           float* st = s.st.data();
           float* dpt = s.dpt.data();
-          panels_times_lanes<W>(s.kp.data(), dp, count, s.qt.data() + i * dp * kLanes, st);
+          if (k_in)
+            rows_times_lanes<W>(k_in, ldk, dp, count, s.qt.data() + i * dp * kLanes, st);
+          else
+            panels_times_lanes<W>(s.kp.data(), dp, count, s.qt.data() + i * dp * kLanes, st);
           if (vis == Visibility::kPartial) apply_masks<W>(p, b, h, blk, count, sub, st);
-          panels_times_lanes<W>(s.vp.data(), dvp, count, s.dot.data() + i * dvp * kLanes, dpt);
+          if (v_in)
+            rows_times_lanes<W>(v_in, ldv, dvp, count, s.dot.data() + i * dvp * kLanes, dpt);
+          else
+            panels_times_lanes<W>(s.vp.data(), dvp, count, s.dot.data() + i * dvp * kLanes, dpt);
           F lse[V], delta[V];
           for (int v = 0; v < V; ++v) {
             lse[v] = simd::load<W>(s.lse.data() + i * kLanes + v * W);

@@ -1,9 +1,11 @@
 // The CPU attention forward (flash-style online softmax), templated on the vector width.
 //
 // Task = one query tile of one (batch, head). For each key block the tile's plan allows, the
-// block's K is packed once into panels and its V rows read (or packed when not fp32), then
+// block's K is read in place (fp32 rows at the padded width, consecutive) or else packed once
+// into panels, and its V rows read (or converted when not fp32), then
 // every 32-query subtile runs: S^T = K (scale Q)^T, masks on partial blocks only, the online
-// softmax down the key axis (lane-wise), O = alpha O + P V. Extra memory is per worker:
+// softmax down the key axis (lane-wise), O^T = alpha O^T + V^T P^T (O kept transposed, turned
+// into rows once at the end of the task). Extra memory is per worker:
 // the tile's packed queries and fp32 accumulators plus one key block.
 #pragma once
 
@@ -91,13 +93,14 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
     KeyBlock blk;
     std::vector<Subtile> sub;
     std::vector<bool> visited;  // per subtile: has O been written by a block yet
-    std::vector<float> qrows, qt, o, m, l, alpha, kp, vbuf, st, tmp, row;
+    std::vector<float> qrows, qt, ot, o, m, l, alpha, kp, vbuf, st, tmp, row;
   };
   std::vector<Scratch> scratch(static_cast<size_t>(workers));
   for (auto& s : scratch) {
     s.sub.resize(size_t(max_sub));
     s.visited.resize(size_t(max_sub));
     s.qt.assign(size_t(max_sub * dp * kLanes), 0.0f);
+    s.ot.assign(size_t(max_sub * kLanes * dvp), 0.0f);
     s.o.assign(size_t(max_sub * kLanes * dvp), 0.0f);
     s.m.resize(size_t(max_sub * kLanes));
     s.l.resize(size_t(max_sub * kLanes));
@@ -131,39 +134,47 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
       const KeyBlock& blk = s.blk;
       const int64_t padded = round_up(blk.count, P);
       bool packed = false;
-      const float* vrows = nullptr;
-      int64_t ldv = 0;
+      const float *vrows = nullptr, *krows = nullptr;  // krows: K read in place, not packed
+      int64_t ldv = 0, ldk = 0;
       for (int64_t i = 0; i < nsub; ++i) {
         const Subtile& sub = s.sub[size_t(i)];
         const Visibility vis = classify(blk, sub, has_mask);
         if (vis == Visibility::kNone) continue;
         if (!packed) {
-          pack_panels<P>(p.k, b, g, blk, D, dp, padded, s.kp.data(), s.tmp.data());
+          krows = rows_in_place(p.k, b, g, blk, D, dp, ldk);
+          if (!krows) pack_panels<P>(p.k, b, g, blk, D, dp, padded, s.kp.data(), s.tmp.data());
           vrows = rows_fp32(p.v, b, g, blk, Dv, dvp, s.vbuf.data(), ldv);
           packed = true;
         }
         const int64_t count = visible_prefix(blk, sub);
         float* st = s.st.data();
-        panels_times_lanes<W>(s.kp.data(), dp, count, s.qt.data() + i * dp * kLanes, st);
+        if (krows)
+          rows_times_lanes<W>(krows, ldk, dp, count, s.qt.data() + i * dp * kLanes, st);
+        else
+          panels_times_lanes<W>(s.kp.data(), dp, count, s.qt.data() + i * dp * kLanes, st);
         if (vis == Visibility::kPartial) apply_masks<W>(p, b, h, blk, count, sub, st);
-        float* o = s.o.data() + i * kLanes * dvp;
+        float* ot = s.ot.data() + i * kLanes * dvp;  // O^T [dvp][32 lanes]
         const bool rescale = softmax_block<W>(st, count, s.m.data() + i * kLanes,
                                               s.l.data() + i * kLanes, s.alpha.data());
         if (!s.visited[size_t(i)]) {  // first block: O = P V, nothing to rescale or zero
           s.visited[size_t(i)] = true;
-          rows_times_matrix<W, kLanes, 1, false>(count, st, vrows, ldv, o, dvp, dvp, kLanes);
+          matrix_t_times_lanes<W, false>(count, vrows, ldv, dvp, st, ot);
           continue;
         }
         if (rescale) {
-          for (int lane = 0; lane < kLanes; ++lane) {
-            const float a = s.alpha[size_t(lane)];
-            float* orow = o + lane * dvp;
-            for (int64_t d = 0; d < dvp; ++d) orow[d] *= a;
+          typedef typename simd::Vec<W>::F F;
+          for (int v = 0; v < kLanes / W; ++v) {
+            const F a = simd::load<W>(s.alpha.data() + v * W);
+            for (int64_t d = 0; d < dvp; ++d)
+              simd::store<W>(ot + d * kLanes + v * W, simd::load<W>(ot + d * kLanes + v * W) * a);
           }
         }
-        rows_times_matrix<W, kLanes, 1, true>(count, st, vrows, ldv, o, dvp, dvp, kLanes);
+        matrix_t_times_lanes<W, true>(count, vrows, ldv, dvp, st, ot);
       }
     }
+    for (int64_t i = 0; i < nsub; ++i)
+      if (s.visited[size_t(i)])
+        lanes_to_rows<W>(s.ot.data() + i * kLanes * dvp, dvp, s.o.data() + i * kLanes * dvp);
 
     for (int64_t i = 0; i < nsub; ++i) {
       const Subtile& sub = s.sub[size_t(i)];

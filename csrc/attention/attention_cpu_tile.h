@@ -220,14 +220,19 @@ void pack_panels(const AttnTensor& t, int64_t b, int64_t h, const KeyBlock& blk,
   }
 }
 
-// Rows of the block as fp32 [count][dp]; or, when the rows already are fp32 at a fixed stride
-// with a padded width, a pointer into the tensor (sets ld).
+// The block's rows in place, when they already are fp32 at a fixed stride with the padded
+// width (sets ld); null otherwise (they must be converted or packed).
+inline const float* rows_in_place(const AttnTensor& t, int64_t b, int64_t h, const KeyBlock& blk,
+                                  int64_t dim, int64_t dp, int64_t& ld) {
+  if (t.dtype != DType::kFloat32 || !blk.contiguous || dim != dp) return nullptr;
+  ld = t.stride_row;
+  return reinterpret_cast<const float*>(row_ptr(t, b, h, blk.row[0]));
+}
+
+// Rows of the block as fp32 [count][dp]: in place where possible, else converted into buf.
 inline const float* rows_fp32(const AttnTensor& t, int64_t b, int64_t h, const KeyBlock& blk,
                               int64_t dim, int64_t dp, float* buf, int64_t& ld) {
-  if (t.dtype == DType::kFloat32 && blk.contiguous && dim == dp) {
-    ld = t.stride_row;
-    return reinterpret_cast<const float*>(row_ptr(t, b, h, blk.row[0]));
-  }
+  if (const float* rows = rows_in_place(t, b, h, blk, dim, dp, ld)) return rows;
   for (int64_t j = 0; j < blk.count; ++j)
     load_row(t, b, h, blk.row[size_t(j)], dim, dp, buf + j * dp);
   ld = dp;
@@ -333,6 +338,78 @@ void panels_times_lanes(const float* kp, int64_t dp, int64_t count, const float*
         attn_mm::mm<W, T, 2, P, 1, false>(dp, panel, bt + l0, kLanes, c, kLanes);
     }
   }
+}
+
+// The last R (< kPanel) columns of matrix_t_times_lanes.
+template <int W, int R, bool kAccumulate>
+void columns_tail(int64_t r, int64_t kdim, const float* v, int64_t ldv, const float* pt,
+                  float* ot) {
+  if constexpr (R > 0) {
+    if (r != R) return columns_tail<W, R - 1, kAccumulate>(r, kdim, v, ldv, pt, ot);
+    for (int l0 = 0; l0 < kLanes; l0 += 2 * W)
+      attn_mm::mm_with<W, R, 2, kAccumulate>(kdim, attn_mm::KStride{v, ldv}, pt + l0, kLanes,
+                                              ot + l0, kLanes);
+  }
+}
+
+// ot[d][lane] (+)= sum_k v[k * ldv + d] * pt[k][lane] for d < dp, k < kdim: the forward's
+// O += P V kept transposed (O^T += V^T P^T), so that it runs the S^T kernel's shape (kPanel
+// columns of V broadcast against the 32 query lanes: 24 accumulators, 2 loads per 24 FMAs;
+// O = P V row by row took 8 rows x 2 vectors, 10 loads per 16 FMAs, ~20% slower) and the
+// online softmax's rescale of O is lane-wise. The sums are the same products in the same order.
+template <int W, bool kAccumulate>
+void matrix_t_times_lanes(int64_t kdim, const float* v, int64_t ldv, int64_t dp, const float* pt,
+                          float* ot) {
+  constexpr int P = Shape<W>::kPanel;
+  int64_t d0 = 0;
+  for (; d0 + P <= dp; d0 += P)
+    for (int l0 = 0; l0 < kLanes; l0 += 2 * W)
+      attn_mm::mm_with<W, P, 2, kAccumulate>(kdim, attn_mm::KStride{v + d0, ldv}, pt + l0, kLanes,
+                                             ot + d0 * kLanes + l0, kLanes);
+  if (d0 < dp)
+    columns_tail<W, P - 1, kAccumulate>(dp - d0, kdim, v + d0, ldv, pt, ot + d0 * kLanes);
+}
+
+// o[lane][d] = ot[d][lane] for d < dp (a multiple of W): 16 x 16 register transposes on
+// AVX-512, scalar otherwise.
+template <int W>
+void lanes_to_rows(const float* ot, int64_t dp, float* o) {
+  if constexpr (W == 16) {
+    const float* rows[16];
+    for (int64_t d0 = 0; d0 < dp; d0 += 16) {
+      for (int r = 0; r < 16; ++r) rows[r] = ot + (d0 + r) * kLanes;
+      for (int l0 = 0; l0 < kLanes; l0 += 16) transpose16(rows, l0, 1.0f, o + l0 * dp + d0, dp);
+    }
+  } else {
+    for (int64_t d = 0; d < dp; ++d)
+      for (int l = 0; l < kLanes; ++l) o[l * dp + d] = ot[d * kLanes + l];
+  }
+}
+
+// The last R (< kPanel) keys of rows_times_lanes: a micro-kernel of exactly R rows (reading
+// past `count` would leave the tensor).
+template <int W, int R>
+void rows_tail(int64_t r, const float* k, int64_t ldk, int64_t dp, const float* bt, float* st) {
+  if constexpr (R > 0) {
+    if (r != R) return rows_tail<W, R - 1>(r, k, ldk, dp, bt, st);
+    for (int l0 = 0; l0 < kLanes; l0 += 2 * W)
+      attn_mm::mm_with<W, R, 2, false>(dp, attn_mm::RowStride{k, ldk}, bt + l0, kLanes, st + l0,
+                                       kLanes);
+  }
+}
+
+// panels_times_lanes with the keys read in place: st[j][lane] = sum_d k[j * ldk + d] *
+// bt[d][lane] for j < count (exactly those rows are written), k the block's fp32 rows.
+template <int W>
+void rows_times_lanes(const float* k, int64_t ldk, int64_t dp, int64_t count, const float* bt,
+                      float* st) {
+  constexpr int P = Shape<W>::kPanel;
+  int64_t j0 = 0;
+  for (; j0 + P <= count; j0 += P)
+    for (int l0 = 0; l0 < kLanes; l0 += 2 * W)
+      attn_mm::mm_with<W, P, 2, false>(dp, attn_mm::RowStride{k + j0 * ldk, ldk}, bt + l0, kLanes,
+                                       st + j0 * kLanes + l0, kLanes);
+  if (j0 < count) rows_tail<W, P - 1>(count - j0, k + j0 * ldk, ldk, dp, bt, st + j0 * kLanes);
 }
 
 }  // namespace attn_cpu
