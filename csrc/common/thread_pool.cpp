@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <dlfcn.h>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <pthread.h>
 #include <string>
@@ -18,22 +19,55 @@ namespace {
 
 thread_local bool t_inside_task = false;
 
-// Runs tasks handed out by `next` until none is left. The first exception is kept in `error`
-// and stops the handing out; the caller rethrows it once every worker is done.
-void drain(const std::function<void(int64_t, int)>& fn, int64_t num_tasks,
-           std::atomic<int64_t>& next, int worker, std::mutex& err_mu, std::exception_ptr& error) {
-  for (;;) {
-    const int64_t t = next.fetch_add(1);
-    if (t >= num_tasks) return;
-    try {
-      fn(t, worker);
-    } catch (...) {
-      std::lock_guard<std::mutex> lk(err_mu);
-      if (!error) error = std::current_exception();
-      next.store(num_tasks);
+// The tasks of one call, split into one contiguous range per worker. Each range is claimed
+// from its front by its own counter; a worker that has run out of its own range goes on with
+// the others' (so a helper that never joins, or a slow one, holds nothing up).
+// Why contiguous ranges rather than one shared counter: torch's parallel ops split their rows
+// the same way (a static schedule), so the rows a worker reads were most likely written by its
+// own core just before (a Linear's output, in its L2). With one shared counter the workers
+// took every other task and read half of their inputs from the other core's cache.
+class TaskRanges {
+ public:
+  void reset(int64_t num_tasks, int workers) {
+    if (workers > capacity_) {
+      ranges_.reset(new Range[size_t(workers)]);
+      capacity_ = workers;
+    }
+    count_ = workers;
+    for (int w = 0; w < workers; ++w) {
+      ranges_[w].next.store(num_tasks * w / workers);
+      ranges_[w].end = num_tasks * (w + 1) / workers;
     }
   }
-}
+
+  // Runs tasks, own range first, until none is left. The first exception is kept in `error`
+  // and stops the handing out; the caller rethrows it once every worker is done.
+  void drain(const std::function<void(int64_t, int)>& fn, int worker, std::mutex& err_mu,
+             std::exception_ptr& error) {
+    for (int i = 0; i < count_; ++i) {
+      Range& r = ranges_[(worker + i) % count_];
+      for (;;) {
+        const int64_t t = r.next.fetch_add(1);
+        if (t >= r.end) break;
+        try {
+          fn(t, worker);
+        } catch (...) {
+          std::lock_guard<std::mutex> lk(err_mu);
+          if (!error) error = std::current_exception();
+          for (int j = 0; j < count_; ++j) ranges_[j].next.store(ranges_[j].end);
+        }
+      }
+    }
+  }
+
+ private:
+  struct alignas(64) Range {  // one cache line each: the counters are written concurrently
+    std::atomic<int64_t> next{0};
+    int64_t end = 0;
+  };
+  std::unique_ptr<Range[]> ranges_;
+  int capacity_ = 0, count_ = 0;
+};
 
 class Pool {
  public:
@@ -60,8 +94,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lk(mu_);
       fn_ = &fn;
-      num_tasks_ = num_tasks;
-      next_task_.store(0);
+      tasks_.reset(num_tasks, workers);
       active_helpers_ = workers - 1;
       open_ = true;
       joined_ = finished_ = 0;
@@ -104,15 +137,14 @@ class Pool {
     }
   }
 
-  void work(int worker) { drain(*fn_, num_tasks_, next_task_, worker, err_mu_, error_); }
+  void work(int worker) { tasks_.drain(*fn_, worker, err_mu_, error_); }
 
   std::mutex busy_mu_;  // one parallel_for at a time owns the helpers
   std::mutex mu_, err_mu_;
   std::condition_variable cv_, done_cv_;
   std::vector<std::thread> threads_;
   const std::function<void(int64_t, int)>* fn_ = nullptr;
-  int64_t num_tasks_ = 0;
-  std::atomic<int64_t> next_task_{0};
+  TaskRanges tasks_;
   int active_helpers_ = 0;
   bool open_ = false;  // helpers may still join the current call
   int joined_ = 0, finished_ = 0;
@@ -190,9 +222,8 @@ std::mutex g_team_mu;  // one parallel_for at a time owns the team; others run s
 
 struct Region {
   const std::function<void(int64_t, int)>* fn;
-  int64_t num_tasks;
   OmpThreadNum thread_num;
-  std::atomic<int64_t> next{0};
+  TaskRanges tasks;
   std::mutex err_mu;
   std::exception_ptr error;
 };
@@ -202,7 +233,7 @@ void region_body(void* data) {
   auto& r = *static_cast<Region*>(data);
   const bool was_inside = t_inside_task;
   t_inside_task = true;  // nested parallel_for calls from a task run inline
-  drain(*r.fn, r.num_tasks, r.next, r.thread_num(), r.err_mu, r.error);
+  r.tasks.drain(*r.fn, r.thread_num(), r.err_mu, r.error);
   t_inside_task = was_inside;
 }
 
@@ -213,7 +244,7 @@ bool try_run_on_team(const Gomp& gomp, int64_t num_tasks, int workers,
   if (!busy.owns_lock()) return false;
   Region r;
   r.fn = &fn;
-  r.num_tasks = num_tasks;
+  r.tasks.reset(num_tasks, workers);
   r.thread_num = gomp.thread_num;
   // The team has at most `workers` threads, so omp_get_thread_num() is a valid worker id.
   gomp.parallel(region_body, &r, unsigned(workers), 0);

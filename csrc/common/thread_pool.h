@@ -21,6 +21,8 @@ namespace imgtx {
 
 // Runs fn(task, worker) for task in [0, num_tasks) on up to `num_threads` threads (the calling
 // thread included); worker is in [0, min(num_threads, num_tasks)). Returns when all tasks are done.
+// Worker w starts on the w-th of equal contiguous ranges of tasks (as torch's own parallel ops
+// split their rows, so it reads what its core wrote) and then helps with the others'.
 // Safe to call from several threads at once and from inside a task: a caller that finds the pool
 // busy runs its tasks itself, so concurrent calls never deadlock and never oversubscribe.
 void parallel_for(int64_t num_tasks, int num_threads,

@@ -16,6 +16,7 @@
 
 void run_diffusion_tests();  // test_diffusion.cpp
 void run_attention_tests();  // test_attention.cpp
+void run_thread_pool_tests();  // test_thread_pool.cpp
 
 namespace {
 
@@ -153,6 +154,7 @@ int main() {
   test_bad_arguments();
   run_diffusion_tests();
   run_attention_tests();
+  run_thread_pool_tests();
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed ? 1 : 0;
 }
