@@ -18,6 +18,10 @@ imgtx_fast is faster); each bar is reported met/missed in the summary, never ass
   cross_padded    q (4, 8, 1024, 64), k/v (4, 8, 77, 64),          sdpa + (B,1,1,77) mask    1.5x
                   key_lengths [77, 50, 20, 7]
   decode          q (4, 8, 1, 64), k/v (4, 8, 4096, 64), causal    sdpa, no mask             2x
+  decode_small    q (1, 8, 1, 64), k/v (1, 8, 1024, 64), causal    sdpa, no mask             1.0x
+
+Decoding reads each cached key and value once: the decode cases also report our K+V read rate
+against torch.sum over as many bytes, timed in the same test (target: >= 85% of it).
 
 Peers get their masks built outside the timed region (the best case for them). The decode peer
 takes no mask: every cached key is visible, and SDPA's is_causal is top-left aligned (one query
@@ -92,10 +96,10 @@ def _cases(mode: str):
     """The target shapes in full and quick mode; tiny ones (same structure) in smoke mode."""
     if mode == "smoke":
         B, H, N, NL, D, L, img, qs = 1, 2, 128, 256, 32, 32, 16, (4, 8)
-        Bx, Nx, Bd, Nd = 4, 64, 2, 512
+        Bx, Nx, Bd, Nd, Nds = 4, 64, 2, 512, 128
     else:
         B, H, N, NL, D, L, img, qs = 4, 8, 1024, 4096, 64, 256, 64, (8, 16)
-        Bx, Nx, Bd, Nd = 4, 1024, 4, 4096
+        Bx, Nx, Bd, Nd, Nds = 4, 1024, 4, 4096, 1024
     Bl = max(1, B // 2)
     lengths = (77, 50, 20, 7)[:Bx]
     return [
@@ -110,6 +114,8 @@ def _cases(mode: str):
         Case("cross_padded", "cross, padded keys", Bx, H, Nx, 77, D, key_lengths=lengths,
              bars={"sdpa_bool_mask": 1.5}),
         Case("decode", "decode (1 query)", Bd, H, 1, Nd, D, causal=True, bars={"sdpa": 2.0}),
+        Case("decode_small", "decode (1 query), short cache", 1, H, 1, Nds, D, causal=True,
+             bars={"sdpa": 1.0}),
     ]
 
 
@@ -357,6 +363,10 @@ def test_attention(benchmark, bench_settings, bench_results, case_id):
     if c.Nq == 1:  # decoding is a read of K and V: report it as a bandwidth
         kv_bytes = (k.numel() + v.numel()) * k.element_size()
         record["gbps"] = {n: kv_bytes / t / 1e9 for n, t in medians.items()}
+        x = torch.randn(kv_bytes // 4)  # torch.sum over the same bytes: the read ceiling
+        sum_s, _ = _time_calls(lambda: x.sum(), bench_settings)
+        record["read_ceiling_gbps"] = kv_bytes / sum_s / 1e9
+        record["read_fraction"] = record["gbps"]["imgtx_fast"] / record["read_ceiling_gbps"]
     bench_results.attention[c.id] = record
     benchmark.extra_info.update(
         shape=c.shape, rounds=rounds, visible_pairs=visible_pairs(c),
