@@ -340,16 +340,29 @@ void panels_times_lanes(const float* kp, int64_t dp, int64_t count, const float*
   }
 }
 
-// The last R (< kPanel) columns of matrix_t_times_lanes.
-template <int W, int R, bool kAccumulate>
-void columns_tail(int64_t r, int64_t kdim, const float* v, int64_t ldv, const float* pt,
-                  float* ot) {
+// The last R (< kPanel) rows of accessor_times_lanes: a micro-kernel of exactly R rows (reading
+// past them would leave the tensor).
+template <int W, int R, bool kAccumulate, class A>
+void tail_times_lanes(int64_t r, int64_t kdim, A a, const float* b, float* c) {
   if constexpr (R > 0) {
-    if (r != R) return columns_tail<W, R - 1, kAccumulate>(r, kdim, v, ldv, pt, ot);
+    if (r != R) return tail_times_lanes<W, R - 1, kAccumulate>(r, kdim, a, b, c);
     for (int l0 = 0; l0 < kLanes; l0 += 2 * W)
-      attn_mm::mm_with<W, R, 2, kAccumulate>(kdim, attn_mm::KStride{v, ldv}, pt + l0, kLanes,
-                                              ot + l0, kLanes);
+      attn_mm::mm_with<W, R, 2, kAccumulate>(kdim, a, b + l0, kLanes, c + l0, kLanes);
   }
+}
+
+// c[r][lane] (+)= sum_k A(k, r) b[k][lane] for r < rows (exactly those rows are written), in
+// kPanel-row micro-kernels; at(r0) is the accessor of rows r0.. (an fp32 operand read in place).
+template <int W, bool kAccumulate, class At>
+void accessor_times_lanes(int64_t rows, int64_t kdim, At at, const float* b, float* c) {
+  constexpr int P = Shape<W>::kPanel;
+  int64_t r0 = 0;
+  for (; r0 + P <= rows; r0 += P)
+    for (int l0 = 0; l0 < kLanes; l0 += 2 * W)
+      attn_mm::mm_with<W, P, 2, kAccumulate>(kdim, at(r0), b + l0, kLanes, c + r0 * kLanes + l0,
+                                             kLanes);
+  if (r0 < rows)
+    tail_times_lanes<W, P - 1, kAccumulate>(rows - r0, kdim, at(r0), b, c + r0 * kLanes);
 }
 
 // ot[d][lane] (+)= sum_k v[k * ldv + d] * pt[k][lane] for d < dp, k < kdim: the forward's
@@ -360,14 +373,17 @@ void columns_tail(int64_t r, int64_t kdim, const float* v, int64_t ldv, const fl
 template <int W, bool kAccumulate>
 void matrix_t_times_lanes(int64_t kdim, const float* v, int64_t ldv, int64_t dp, const float* pt,
                           float* ot) {
-  constexpr int P = Shape<W>::kPanel;
-  int64_t d0 = 0;
-  for (; d0 + P <= dp; d0 += P)
-    for (int l0 = 0; l0 < kLanes; l0 += 2 * W)
-      attn_mm::mm_with<W, P, 2, kAccumulate>(kdim, attn_mm::KStride{v + d0, ldv}, pt + l0, kLanes,
-                                             ot + d0 * kLanes + l0, kLanes);
-  if (d0 < dp)
-    columns_tail<W, P - 1, kAccumulate>(dp - d0, kdim, v + d0, ldv, pt, ot + d0 * kLanes);
+  accessor_times_lanes<W, kAccumulate>(
+      dp, kdim, [=](int64_t d0) { return attn_mm::KStride{v + d0, ldv}; }, pt, ot);
+}
+
+// panels_times_lanes with the keys read in place: st[j][lane] = sum_d k[j * ldk + d] *
+// bt[d][lane] for j < count (exactly those rows are written), k the block's fp32 rows.
+template <int W>
+void rows_times_lanes(const float* k, int64_t ldk, int64_t dp, int64_t count, const float* bt,
+                      float* st) {
+  accessor_times_lanes<W, false>(
+      count, dp, [=](int64_t j0) { return attn_mm::RowStride{k + j0 * ldk, ldk}; }, bt, st);
 }
 
 // o[lane][d] = ot[d][lane] for d < dp (a multiple of W): 16 x 16 register transposes on
@@ -384,32 +400,6 @@ void lanes_to_rows(const float* ot, int64_t dp, float* o) {
     for (int64_t d = 0; d < dp; ++d)
       for (int l = 0; l < kLanes; ++l) o[l * dp + d] = ot[d * kLanes + l];
   }
-}
-
-// The last R (< kPanel) keys of rows_times_lanes: a micro-kernel of exactly R rows (reading
-// past `count` would leave the tensor).
-template <int W, int R>
-void rows_tail(int64_t r, const float* k, int64_t ldk, int64_t dp, const float* bt, float* st) {
-  if constexpr (R > 0) {
-    if (r != R) return rows_tail<W, R - 1>(r, k, ldk, dp, bt, st);
-    for (int l0 = 0; l0 < kLanes; l0 += 2 * W)
-      attn_mm::mm_with<W, R, 2, false>(dp, attn_mm::RowStride{k, ldk}, bt + l0, kLanes, st + l0,
-                                       kLanes);
-  }
-}
-
-// panels_times_lanes with the keys read in place: st[j][lane] = sum_d k[j * ldk + d] *
-// bt[d][lane] for j < count (exactly those rows are written), k the block's fp32 rows.
-template <int W>
-void rows_times_lanes(const float* k, int64_t ldk, int64_t dp, int64_t count, const float* bt,
-                      float* st) {
-  constexpr int P = Shape<W>::kPanel;
-  int64_t j0 = 0;
-  for (; j0 + P <= count; j0 += P)
-    for (int l0 = 0; l0 < kLanes; l0 += 2 * W)
-      attn_mm::mm_with<W, P, 2, false>(dp, attn_mm::RowStride{k + j0 * ldk, ldk}, bt + l0, kLanes,
-                                       st + j0 * kLanes + l0, kLanes);
-  if (j0 < count) rows_tail<W, P - 1>(count - j0, k + j0 * ldk, ldk, dp, bt, st + j0 * kLanes);
 }
 
 }  // namespace attn_cpu

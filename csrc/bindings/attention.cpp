@@ -21,7 +21,6 @@ namespace {
 using Sizes = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 using TensorArg = std::tuple<uintptr_t, int, int64_t, int64_t, int64_t>;
 using MaskArg = std::tuple<uintptr_t, int, int, int64_t, int64_t, int64_t, int64_t>;
-constexpr int64_t kNoCausal = -(int64_t(1) << 62);
 
 DType to_dtype(int code, const char* what) {
   if (code < 0 || code > 2)
@@ -52,7 +51,7 @@ void fill_common(AttnParams& p, const Sizes& sizes, const TensorArg& q, const Te
   p.k = to_tensor(k);
   p.v = to_tensor(v);
   p.scale = scale;
-  p.causal = causal_offset != kNoCausal;
+  p.causal = causal_offset != kAttnNoCausal;
   p.causal_offset = p.causal ? causal_offset : 0;
   p.key_lengths = reinterpret_cast<const int64_t*>(key_lengths);
   const int kind = std::get<1>(mask);
@@ -112,7 +111,7 @@ AttnBackwardParams backward_params(const Sizes& sizes, const TensorArg& q, const
 }  // namespace
 
 void register_attention(py::module_& m) {
-  m.attr("ATTN_NO_CAUSAL") = kNoCausal;
+  m.attr("ATTN_NO_CAUSAL") = kAttnNoCausal;
   m.attr("ATTN_LSE_EMPTY") = kLseEmpty;
   m.def("attention_forward_cpu",
         [](const Sizes& sizes, const TensorArg& q, const TensorArg& k, const TensorArg& v,

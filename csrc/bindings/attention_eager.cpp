@@ -40,7 +40,6 @@ namespace bindings {
 
 namespace {
 
-constexpr int64_t kNoCausal = -(int64_t(1) << 62);  // csrc/bindings/attention.cpp's ATTN_NO_CAUSAL
 constexpr int kMaskBool = 3;
 
 PyObject* g_shape = nullptr;     // interned attribute and method names
@@ -141,9 +140,8 @@ bool build(PyObject* const* a, AttnForwardParams& p) {
   if (PyErr_Occurred() || code < 0 || code > 2 || gqa < 0) return false;
   View qv, kv, vv, ov;
   if (!read_view(q, 4, qv) || !read_view(k, 4, kv) || !read_view(v, 4, vv) ||
-      !read_view(out, 4, ov))
+      !read_view(out, 4, ov))  // exactly 4-D: read_view takes min_ndim..4 dims
     return false;
-  if (qv.ndim != 4 || kv.ndim != 4 || vv.ndim != 4 || ov.ndim != 4) return false;
   if (!same_dtype(q, k) || !same_dtype(q, v) || !same_dtype(q, out)) return false;
   const int64_t B = qv.size[0], H = qv.size[1], Nq = qv.size[2], D = qv.size[3];
   const int64_t Hkv = kv.size[1], Nk = kv.size[2], Dv = vv.size[3];
@@ -174,7 +172,7 @@ bool build(PyObject* const* a, AttnForwardParams& p) {
   } else {
     return false;
   }
-  p.causal = causal_offset != kNoCausal;
+  p.causal = causal_offset != kAttnNoCausal;
   p.causal_offset = p.causal ? causal_offset : 0;
 
   if (lse != Py_None) {

@@ -1,10 +1,15 @@
 // One registration function per kernel family; module.cpp calls them all.
 #pragma once
 
+#include <cstdint>
+
 #include <pybind11/pybind11.h>
 
 namespace imgtx {
 namespace bindings {
+
+// The causal_offset meaning "not causal" (Python: _C.ATTN_NO_CAUSAL).
+constexpr int64_t kAttnNoCausal = -(int64_t(1) << 62);
 
 void register_info(pybind11::module_& m);
 void register_codebook(pybind11::module_& m);

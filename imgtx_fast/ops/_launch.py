@@ -60,7 +60,7 @@ def two_level_rows(t: torch.Tensor):
     return (t,) + rows
 
 
-def transform_or_mode_active() -> bool:
+def _transform_or_mode_active() -> bool:
     """Whether a functorch transform (vmap, grad) or a torch_dispatch mode (FlopCounterMode, ...)
     is active: they must see the registered op. Only private torch APIs answer this cheaply;
     where a torch release lacks one, the answer is "active", so calls take the registered op
@@ -78,7 +78,7 @@ def eager_fast_path(*tensors) -> bool:
     tracing, functorch transform or dispatch mode. The custom-op dispatcher costs ~40 us per
     call, as much as the kernel of a small call (a decoding step of a small layer, a sampling
     step of a few tokens)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or transform_or_mode_active():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _transform_or_mode_active():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:

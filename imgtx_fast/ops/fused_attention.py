@@ -26,8 +26,7 @@ from .._frontend.common import check_int, check_real
 from ..patterns import MAX_FIELD
 from ..reference import attention as _reference
 from .._backend import fast_everywhere
-from ._launch import (EMULATOR, cuda_module, cuda_stream, device_guard, eager_fast_path,
-                      num_threads, transform_or_mode_active)
+from ._launch import EMULATOR, cuda_module, cuda_stream, device_guard, eager_fast_path, num_threads
 
 
 def _tensor_arg(t: Tensor, name: str):
@@ -423,29 +422,16 @@ def eager_forward(q, k, v, causal_offset: int, align_end: bool, key_lengths, att
     gqa: False allows only Hkv == H or 1 (torch SDPA without enable_gqa). contiguous: out laid out
     (B, H, Nq, Dv) as torch's SDPA returns it; else (B, Nq, H, Dv) memory, what the output
     projection reads."""
-    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
-        return None
-    if not (q.is_cpu and k.is_cpu and v.is_cpu):
+    # eager_fast_path first: under torch.compile it answers before anything dynamo cannot trace
+    if (q is None or k is None or v is None  # (it lets None through)
+            or not eager_fast_path(q, k, v, key_lengths, attn_mask) or not fast_everywhere()
+            or EMULATOR.get() is not None or torch.is_autocast_enabled("cpu")):
         return None
     code = FLOAT_CODES.get(q.dtype)
-    if code is None:
+    if code is None or (key_lengths is not None and key_lengths.dtype is not torch.int64):
         return None
-    mask_code = -1
-    if attn_mask is not None:
-        if type(attn_mask) is not Tensor or not attn_mask.is_cpu:
-            return None
-        mask_code = _EAGER_MASK_CODES.get(attn_mask.dtype)
-        if mask_code is None:
-            return None
-    if key_lengths is not None and (type(key_lengths) is not Tensor or not key_lengths.is_cpu
-                                    or key_lengths.dtype is not torch.int64):
-        return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
-            attn_mask is not None and attn_mask.requires_grad)):
-        return None
-    if (not fast_everywhere() or EMULATOR.get() is not None or torch.is_autocast_enabled("cpu")
-            or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or transform_or_mode_active()):
+    mask_code = -1 if attn_mask is None else _EAGER_MASK_CODES.get(attn_mask.dtype)
+    if mask_code is None:
         return None
     qs, vs = q.shape, v.shape
     if len(qs) != 4 or len(vs) != 4:
