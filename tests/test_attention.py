@@ -306,6 +306,35 @@ def test_kv_decode_with_key_lengths(name):
     run_forward(q, k, v, key_lengths=torch.tensor([299, 0, 250]), **DECODE_PATTERNS[name])
 
 
+@pytest.mark.parametrize("kind", ["bool", "add_f32", "add_q"])
+@pytest.mark.parametrize("Nq,Nk,Hkv,D", [(1, 300, 4, 64), (3, 77, 2, 40), (4, 1000, 1, 64)])
+def test_kv_decode_with_masks(Nq, Nk, Hkv, D, kind, cpu_isa):
+    """Decoding walks the cache 16 keys at a time (and splits long caches across threads):
+    every chunk must see its own mask columns, with causality and key_lengths too."""
+    B, H = 2, 4
+    dtype = BF16 if kind == "add_q" else F32
+    q, k, v, gen = qkv(B, H, Hkv, Nq=Nq, Nk=Nk, D=D, dtype=dtype, key=("decode mask", kind))
+    mask = mask_for("B,H,Nq,Nk", kind, B, H, Nq, Nk, gen, dtype)
+    run_forward(q, k, v, attn_mask=mask)
+    run_forward(q, k, v, attn_mask=mask, causal=True, key_lengths=torch.tensor([Nk, Nk // 3]))
+
+
+@pytest.mark.parametrize("D", [64, 128, 40])
+def test_kv_decode_strided_cache(D, cpu_isa):
+    """A cache stored [B, N, H, D] (rows at a stride of H * D) is read in place."""
+    q, k, v, _ = qkv(2, 4, 2, Nq=1, Nk=300, D=D, key="decode strided")
+    k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    run_forward(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("mag", [30.0, 300.0])
+def test_kv_decode_large_logits(mag, cpu_isa):
+    """The running max must be the true max of each chunk: exp(x - max) overflows otherwise."""
+    q, k, v, _ = qkv(2, 4, 4, Nq=1, Nk=500, D=64, key=("decode large", mag))
+    out, lse = run_forward(q * mag, k, v, causal=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
 # ---- patterns with the other options ------------------------------------------------------------
 PATTERNS = {
     "local1d": Local1d(8),

@@ -3,9 +3,14 @@
 // With one query per head the 32-lane tiles of the main kernel would be 97% padding, and the
 // work is reading K and V once: 4 * D flops per 8 * D bytes. This path streams each key and
 // value row once per kv head and serves every query row that shares it (the group's heads x
-// the new tokens, GQA/MQA included): scores are dot products reduced in registers, values
-// are accumulated row-wise. Long caches are split across threads ("flash decoding") and the
-// partial (max, sum, output) of the splits merged by their log-sum-exp.
+// the new tokens, GQA/MQA included). It walks the keys in chunks of 16: the chunk's K rows
+// give the scores (dot products reduced in registers), an online-softmax step rescales the
+// running output, and the same chunk's V rows are accumulated, so K and V are read as two
+// streams side by side and the hardware prefetcher keeps both running. (Scoring a whole block
+// of keys before reading its values alternates the streams instead: each restart leaves the
+// core waiting on memory, 70-75% of the plain read rate measured on one core.) Long caches are
+// split across threads ("flash decoding") and the partial (max, sum, output) of the splits
+// merged by their log-sum-exp.
 #pragma once
 
 #include "attention/attention_cpu_tile.h"
@@ -18,17 +23,8 @@ namespace attn_cpu {
 // Queries per head up to which the decode path is used.
 constexpr int64_t kDecodeMaxQueries = 4;
 
-// Rows fetched ahead in the decode loops. Decoding streams K and V from DRAM once; the
-// hardware prefetcher alone kept one core near 13 GB/s (K and V blocks alternate, and every
-// block restarts both streams), software prefetch of both rows 16 keys ahead keeps the loads
-// in flight.
-constexpr int64_t kPrefetchRows = 16;
-
-inline void prefetch_row(const AttnTensor& t, int64_t b, int64_t h, int64_t row, int64_t dim) {
-  const char* ptr = row_ptr(t, b, h, row);
-  const int64_t bytes = dim * dtype_size(t.dtype);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(ptr + o);
-}
+// Keys per step of the decode loop (one 16-lane score vector).
+constexpr int64_t kDecodeChunk = 16;
 
 template <int W>
 inline float hsum_lanes(typename simd::Vec<W>::F v) {
@@ -44,10 +40,25 @@ inline float hsum_lanes(typename simd::Vec<W>::F v) {
   }
 }
 
+// The rows of a block read in place: row t at base + t * ld. (The other row source is an
+// array of row pointers; both index as rows[t].)
+struct StridedRows {
+  const float* base;
+  int64_t ld;
+  const float* operator[](int64_t t) const { return base + t * ld; }
+};
+
+// Rows in place at a stride known when compiled (K and V stored [..., keys, dim], dim padded
+// already): the 16 rows of a chunk are addressed by constant offsets, not 16 registers.
+template <int64_t LD>
+struct FixedStrideRows {
+  const float* base;
+  const float* operator[](int64_t t) const { return base + t * LD; }
+};
+
 // o[0, NV * W) += sum_t p[t] * v[t][d0, d0 + NV * W).
-template <int W, int NV>
-inline void accumulate_rows(const float* p, const float* const* v, int64_t count, float* o,
-                            int64_t d0) {
+template <int W, int NV, class Rows>
+inline void accumulate_rows(const float* p, Rows v, int64_t count, float* o, int64_t d0) {
   typedef typename simd::Vec<W>::F F;
   F acc[NV];
   for (int i = 0; i < NV; ++i) acc[i] = simd::load<W>(o + i * W);
@@ -80,10 +91,12 @@ inline simd::Vec<16>::F reduce16(const simd::Vec<16>::F* acc) {
 }
 
 // out[t] = q . k[t] for t < count (-inf where kpos[t] > qpos: causal keys the query cannot see).
-template <int W>
-void dot_rows(const float* q, const float* const* k, int64_t count, int64_t dp,
-              const int32_t* kpos, int32_t qpos, float* out) {
+// NQ > 0: the padded width is NQ vectors, known when compiled (the loops unroll); 0: dp_rt.
+template <int W, int NQ, class Rows>
+inline void dot_rows(const float* q, Rows k, int64_t count, int64_t dp_rt, const int32_t* kpos,
+                     int32_t qpos, float* out) {
   typedef typename simd::Vec<W>::F F;
+  const int64_t dp = NQ > 0 ? int64_t(NQ) * W : dp_rt;
   const float ninf = -std::numeric_limits<float>::infinity();
   int64_t t = 0;
   if constexpr (W == 16) {
@@ -107,9 +120,131 @@ void dot_rows(const float* q, const float* const* k, int64_t count, int64_t dp,
   }
 }
 
+// The largest lane of v, whose lanes are never NaN.
+template <int W>
+inline float hmax_lanes(typename simd::Vec<W>::F v) {
+  if constexpr (W == 16) {
+    const typename simd::Vec<8>::F lo = simd::Halves<16>::lo(v), hi = simd::Halves<16>::hi(v);
+    return hmax_lanes<8>(hi > lo ? hi : lo);
+  } else if constexpr (W == 8) {
+    const typename simd::Vec<4>::F lo = simd::Halves<8>::lo(v), hi = simd::Halves<8>::hi(v);
+    const typename simd::Vec<4>::F m = hi > lo ? hi : lo;
+    const float a = m[0] > m[2] ? m[0] : m[2], b = m[1] > m[3] ? m[1] : m[3];
+    return a > b ? a : b;
+  } else {
+    return simd::hmax(v, W);
+  }
+}
+
+// One online-softmax step of a query row over `count` new scores s (overwritten by their
+// exponentials P): pr = (m, l, o[dvp]) is rescaled to the new running max and l gains sum(P).
+template <int W>
+inline void softmax_step(float* s, int64_t count, float* pr, int64_t dvp) {
+  typedef typename simd::Vec<W>::F F;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  int64_t t = 0;
+  F mv = simd::splat<W>(pr[0]);  // never NaN: NaN scores never become the max (they still
+  for (; t + W <= count; t += W) {  // reach l and O)
+    const F x = simd::load<W>(s + t);
+    mv = x > mv ? x : mv;
+  }
+  float mx = hmax_lanes<W>(mv);
+  for (; t < count; ++t) mx = s[t] > mx ? s[t] : mx;
+  const float use = mx == ninf ? 0.0f : mx;
+  const float alpha = pr[0] == use ? 1.0f : std::exp(pr[0] - use);
+  t = 0;
+  F sum{};
+  for (; t + W <= count; t += W) {
+    const F e = simd::exp<W>(simd::load<W>(s + t) - use);
+    simd::store<W>(s + t, e);
+    sum += e;
+  }
+  float tail = 0.0f;
+  for (; t < count; ++t) {
+    s[t] = s[t] == ninf ? 0.0f : std::exp(s[t] - use);
+    tail += s[t];
+  }
+  pr[0] = mx;
+  pr[1] = pr[1] * alpha + hsum_lanes<W>(sum) + tail;
+  if (alpha != 1.0f)
+    for (int64_t d = 0; d < dvp; ++d) pr[2 + d] *= alpha;
+}
+
+// The query rows one task serves (one kv head's group x the tile's new tokens) and their
+// running (m, l, o[dvp]), part_ld floats a row.
+struct DecodeRows {
+  int64_t b = 0, count = 0, dp = 0, dvp = 0, part_ld = 0;
+  const float* q = nullptr;  // count x dp, scaled
+  const int64_t* head = nullptr;
+  const int64_t* row = nullptr;
+  const int32_t* qpos = nullptr;
+  float* part = nullptr;
+};
+
+// Keys [c0, c0 + count) of the block, rows k[0, count) and v[0, count), for every query row:
+// scores, mask, online-softmax step, O += P V. sc holds kDecodeChunk floats.
+template <int W, int NQ, class Rows>
+void decode_chunk(const AttnMask& mask, const DecodeRows& r, const KeyBlock& blk, int64_t c0,
+                  int64_t count, Rows k, Rows v, float* sc) {
+  for (int64_t i = 0; i < r.count; ++i) {
+    dot_rows<W, NQ>(r.q + i * r.dp, k, count, r.dp, blk.kpos.data() + c0, r.qpos[i], sc);
+    if (mask.kind != AttnMaskKind::kNone)
+      apply_mask_row(mask, r.b, r.head[i], r.row[i], blk, c0, count, sc, 1);
+    float* pr = r.part + i * r.part_ld;
+    softmax_step<W>(sc, count, pr, r.dvp);
+    // O += P V, up to 4 vectors of O in registers at a time.
+    float* o = pr + 2;
+    int64_t d0 = 0;
+    for (; d0 + 4 * W <= r.dvp; d0 += 4 * W) accumulate_rows<W, 4>(sc, v, count, o + d0, d0);
+    for (; d0 < r.dvp; d0 += W) accumulate_rows<W, 1>(sc, v, count, o + d0, d0);
+  }
+}
+
+// One task's blocks [first, last) of the tile's keys, a chunk at a time. Rows in place are
+// addressed by stride: few instructions between one chunk's loads and the next's keep both
+// in the core's out-of-order window (a pointer table per chunk cost 15-20% of the read rate).
+template <int W, int NQ>
+void decode_blocks(const AttnForwardParams& p, const DecodeRows& r, int64_t g,
+                   KeyBlocks& blocks, KeyBlock& blk, int64_t first, int64_t last, float* kbuf,
+                   float* vbuf) {
+  constexpr int64_t C = kDecodeChunk;
+  const int64_t D = p.head_dim, Dv = p.v_dim;
+  const float* kptr[C];
+  const float* vptr[C];
+  alignas(64) float sc[C];
+  for (int64_t n = 0; n < last && blocks.next(blk); ++n) {
+    if (n < first) continue;
+    int64_t ldk = 0, ldv = 0;
+    const float* kin = rows_in_place(p.k, r.b, g, blk, D, r.dp, ldk);
+    const float* vin = rows_in_place(p.v, r.b, g, blk, Dv, r.dvp, ldv);
+    for (int64_t c0 = 0; c0 < blk.count; c0 += C) {
+      const int64_t cnt = std::min(C, blk.count - c0);
+      if constexpr (NQ > 0) {
+        if (kin && vin && ldk == NQ * W && ldv == NQ * W) {
+          decode_chunk<W, NQ>(p.mask, r, blk, c0, cnt, FixedStrideRows<NQ * W>{kin + c0 * ldk},
+                              FixedStrideRows<NQ * W>{vin + c0 * ldv}, sc);
+          continue;
+        }
+      }
+      if (kin && vin) {
+        decode_chunk<W, NQ>(p.mask, r, blk, c0, cnt, StridedRows{kin + c0 * ldk, ldk},
+                            StridedRows{vin + c0 * ldv, ldv}, sc);
+        continue;
+      }
+      // Rows converted to fp32 (or gathered) into the scratch, chunk by chunk.
+      for (int64_t i = 0; i < cnt; ++i) {
+        const int64_t j = blk.row[size_t(c0 + i)];
+        kptr[i] = row_fp32(p.k, r.b, g, j, D, r.dp, kbuf + i * r.dp);
+        vptr[i] = row_fp32(p.v, r.b, g, j, Dv, r.dvp, vbuf + i * r.dvp);
+      }
+      decode_chunk<W, NQ>(p.mask, r, blk, c0, cnt, static_cast<const float* const*>(kptr),
+                          static_cast<const float* const*>(vptr), sc);
+    }
+  }
+}
+
 template <int W>
 void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
-  typedef typename simd::Vec<W>::F F;
   const int64_t D = p.head_dim, Dv = p.v_dim;
   const int64_t dp = round_up(D, W), dvp = round_up(Dv, W);
   const int64_t group = p.heads / p.kv_heads;
@@ -120,12 +255,12 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
   const int64_t units = p.batch * p.kv_heads * tiles;
   const int64_t blocks_max = (p.k_len + bk - 1) / bk;
   int64_t splits = 1;
-  if (units < 4 * int64_t(num_threads))
+  if (num_threads > 1 && units < 4 * int64_t(num_threads))  // too few units to share out
     splits = std::max<int64_t>(1, std::min(blocks_max, (4 * int64_t(num_threads) + units - 1) / units));
   const int64_t tasks = units * splits;
   const int workers = parallel_workers(tasks, num_threads);
-  const bool has_mask = p.mask.kind != AttnMaskKind::kNone;
   const float ninf = -std::numeric_limits<float>::infinity();
+  constexpr int64_t C = kDecodeChunk;
 
   // Partial results per task: R rows of (m, l, o[dvp]).
   const int64_t part_ld = dvp + 2;
@@ -134,20 +269,16 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
   struct Scratch {
     attn::QueryTile tile;
     KeyBlock blk;
-    std::vector<float> q, s, vrow, kbuf, vbuf;
-    std::vector<const float*> kptr, vptr;
+    std::vector<float> q, vrow, kbuf, vbuf;
     std::vector<int64_t> head, row;
     std::vector<int32_t> qpos;
   };
   std::vector<Scratch> scratch(static_cast<size_t>(workers));
   for (auto& s : scratch) {
     s.q.resize(size_t(R * dp));
-    s.s.resize(size_t(R * bk));
-    s.kbuf.resize(size_t(bk * dp));
-    s.kptr.resize(size_t(bk));
     s.vrow.resize(size_t(dvp));
-    s.vbuf.resize(size_t(bk * dvp));
-    s.vptr.resize(size_t(bk));
+    s.kbuf.resize(size_t(C * dp));
+    s.vbuf.resize(size_t(C * dvp));
     s.head.resize(size_t(R));
     s.row.resize(size_t(R));
     s.qpos.resize(size_t(R));
@@ -177,77 +308,34 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
       std::fill(part + r * part_ld + 2, part + (r + 1) * part_ld, 0.0f);
     }
 
+    // This split's share of the tile's blocks: a contiguous range, so each thread streams
+    // its part of K and V front to back.
+    int64_t keys = 0;
+    for (const attn::KeySegment& seg : s.tile.segments) keys += seg.len;
+    const int64_t nblocks = (keys + bk - 1) / bk;
+    const int64_t first = split * nblocks / splits, last = (split + 1) * nblocks / splits;
+    DecodeRows r;
+    r.b = b;
+    r.count = rows;
+    r.dp = dp;
+    r.dvp = dvp;
+    r.part_ld = part_ld;
+    r.q = s.q.data();
+    r.head = s.head.data();
+    r.row = s.row.data();
+    r.qpos = s.qpos.data();
+    r.part = part;
     KeyBlocks blocks(s.tile, bk);
-    for (int64_t n = 0; blocks.next(s.blk); ++n) {
-      if (n % splits != split) continue;
-      const KeyBlock& blk = s.blk;
-      const int64_t cnt = blk.count;
-      // Scores S[r][t]: K rows (fp32 in place, or converted into s.kbuf) in groups of
-      // kGroup keys; each row's dot products reduced across lanes together.
-      for (int64_t t = 0; t < cnt; ++t) {
-        const int64_t j = blk.row[size_t(t)];
-        if (t + kPrefetchRows < cnt) {  // the K row and the V row this block will want later
-          prefetch_row(p.k, b, g, blk.row[size_t(t + kPrefetchRows)], D);
-          prefetch_row(p.v, b, g, blk.row[size_t(t + kPrefetchRows)], Dv);
-        }
-        if (p.k.dtype == DType::kFloat32 && D == dp) {
-          s.kptr[size_t(t)] = reinterpret_cast<const float*>(row_ptr(p.k, b, g, j));
-        } else {
-          load_row(p.k, b, g, j, D, dp, s.kbuf.data() + t * dp);
-          s.kptr[size_t(t)] = s.kbuf.data() + t * dp;
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r)
-        dot_rows<W>(s.q.data() + r * dp, s.kptr.data(), cnt, dp, blk.kpos.data(),
-                    s.qpos[size_t(r)], s.s.data() + r * bk);
-      if (has_mask)
-        for (int64_t r = 0; r < rows; ++r)
-          apply_mask_row(p.mask, b, s.head[size_t(r)], s.row[size_t(r)], blk, cnt,
-                         s.s.data() + r * bk, 1);
-      // Online softmax per row; P overwrites S.
-      for (int64_t r = 0; r < rows; ++r) {
-        float* sr = s.s.data() + r * bk;
-        float* pr = part + r * part_ld;
-        float mx = pr[0];
-        for (int64_t t = 0; t < cnt; ++t) mx = sr[t] > mx ? sr[t] : mx;
-        const float use = mx == ninf ? 0.0f : mx;
-        const float alpha = std::exp(pr[0] - use);
-        int64_t t = 0;
-        F sum{};
-        for (; t + W <= cnt; t += W) {
-          const F e = simd::exp<W>(simd::load<W>(sr + t) - use);
-          simd::store<W>(sr + t, e);
-          sum += e;
-        }
-        float tail = 0.0f;
-        for (; t < cnt; ++t) {
-          sr[t] = sr[t] == ninf ? 0.0f : std::exp(sr[t] - use);
-          tail += sr[t];
-        }
-        pr[0] = mx;
-        pr[1] = pr[1] * alpha + hsum_lanes<W>(sum) + tail;
-        if (alpha != 1.0f)
-          for (int64_t d = 0; d < dvp; ++d) pr[2 + d] *= alpha;
-      }
-      // O[r] += sum_t P[r][t] V[t]: per row, up to 4 vectors of O stay in registers while
-      // the block's V rows (L1/L2-resident after the first row) stream past.
-      for (int64_t t = 0; t < cnt; ++t) {
-        const int64_t j = blk.row[size_t(t)];
-        if (p.v.dtype == DType::kFloat32 && Dv == dvp) {
-          s.vptr[size_t(t)] = reinterpret_cast<const float*>(row_ptr(p.v, b, g, j));
-        } else {
-          load_row(p.v, b, g, j, Dv, dvp, s.vbuf.data() + t * dvp);
-          s.vptr[size_t(t)] = s.vbuf.data() + t * dvp;
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* pr = s.s.data() + r * bk;
-        float* o = part + r * part_ld + 2;
-        int64_t d0 = 0;
-        for (; d0 + 4 * W <= dvp; d0 += 4 * W) accumulate_rows<W, 4>(pr, s.vptr.data(), cnt, o + d0, d0);
-        for (; d0 < dvp; d0 += W) accumulate_rows<W, 1>(pr, s.vptr.data(), cnt, o + d0, d0);
-      }
-    }
+    float* kb = s.kbuf.data();
+    float* vb = s.vbuf.data();
+    if (dp == 4 * W)  // the common head widths get unrolled dot products
+      decode_blocks<W, 4>(p, r, g, blocks, s.blk, first, last, kb, vb);
+    else if (dp == 8 * W)
+      decode_blocks<W, 8>(p, r, g, blocks, s.blk, first, last, kb, vb);
+    else if (dp == 2 * W)
+      decode_blocks<W, 2>(p, r, g, blocks, s.blk, first, last, kb, vb);
+    else
+      decode_blocks<W, 0>(p, r, g, blocks, s.blk, first, last, kb, vb);
   });
 
   // Merge the splits of every (batch, kv head, tile) and write out and lse.

@@ -56,6 +56,15 @@ inline void load_row(const AttnTensor& t, int64_t b, int64_t h, int64_t row, int
   std::fill(out + dim, out + padded, 0.0f);
 }
 
+// Row `row` as fp32 at the padded width: in place when it already is, else converted into buf.
+inline const float* row_fp32(const AttnTensor& t, int64_t b, int64_t h, int64_t row,
+                             int64_t dim, int64_t padded, float* buf) {
+  if (t.dtype == DType::kFloat32 && dim == padded)
+    return reinterpret_cast<const float*>(row_ptr(t, b, h, row));
+  load_row(t, b, h, row, dim, padded, buf);
+  return buf;
+}
+
 // One block of up to `cap` keys drawn from the tile's segments, in order.
 struct KeyBlock {
   std::vector<int64_t> row;   // key rows
@@ -153,11 +162,13 @@ inline int64_t visible_prefix(const KeyBlock& blk, const Subtile& s) {
   return n;
 }
 
-// The user mask of query row `row` over the block's first `count` keys, applied to scores
-// s[t * stride]: bool -> -inf where false, additive -> added. Shared by the tiled kernels
-// (stride = kLanes, one lane) and the decode path (stride 1, one row).
+// The user mask of query row `row` over the block's keys [first, first + count), applied to
+// scores s[t * stride] (t counted from `first`): bool -> -inf where false, additive -> added.
+// Shared by the tiled kernels (stride = kLanes, one lane) and the decode path (stride 1, one
+// row, a chunk of the block at a time).
 inline void apply_mask_row(const AttnMask& m, int64_t b, int64_t h, int64_t row,
-                           const KeyBlock& blk, int64_t count, float* s, int64_t stride) {
+                           const KeyBlock& blk, int64_t first, int64_t count, float* s,
+                           int64_t stride) {
   const float ninf = -std::numeric_limits<float>::infinity();
   const int esize = m.kind == AttnMaskKind::kBool ? 1 : dtype_size(m.dtype);
   const char* base = static_cast<const char*>(m.data) +
@@ -165,11 +176,11 @@ inline void apply_mask_row(const AttnMask& m, int64_t b, int64_t h, int64_t row,
   if (m.kind == AttnMaskKind::kBool) {
     const uint8_t* mb = reinterpret_cast<const uint8_t*>(base);
     for (int64_t t = 0; t < count; ++t)
-      if (!mb[blk.row[size_t(t)] * m.stride_k]) s[t * stride] = ninf;
+      if (!mb[blk.row[size_t(first + t)] * m.stride_k]) s[t * stride] = ninf;
   } else {
     for (int64_t t = 0; t < count; ++t) {
       float add;
-      load_strided_as_float(base, blk.row[size_t(t)] * m.stride_k, 1, 1, m.dtype, &add);
+      load_strided_as_float(base, blk.row[size_t(first + t)] * m.stride_k, 1, 1, m.dtype, &add);
       s[t * stride] += add;
     }
   }
@@ -198,7 +209,7 @@ void apply_masks(const AttnParams& p, int64_t b, int64_t h, const KeyBlock& blk,
   }
   if (p.mask.kind == AttnMaskKind::kNone) return;
   for (int l = 0; l < s.count; ++l)
-    apply_mask_row(p.mask, b, h, s.row[l], blk, count, st + l, kLanes);
+    apply_mask_row(p.mask, b, h, s.row[l], blk, 0, count, st + l, kLanes);
 }
 
 // K rows of the block in panel layout: kp[(t / P) * dp * P + d * P + t % P] (zero padding).
@@ -208,11 +219,7 @@ void pack_panels(const AttnTensor& t, int64_t b, int64_t h, const KeyBlock& blk,
   for (int64_t j = 0; j < padded_count; ++j) {
     float* panel = kp + (j / P) * dp * P + j % P;
     if (j < blk.count) {
-      const float* src = tmp;
-      if (t.dtype == DType::kFloat32 && dim == dp)
-        src = reinterpret_cast<const float*>(row_ptr(t, b, h, blk.row[size_t(j)]));
-      else
-        load_row(t, b, h, blk.row[size_t(j)], dim, dp, tmp);
+      const float* src = row_fp32(t, b, h, blk.row[size_t(j)], dim, dp, tmp);
       for (int64_t d = 0; d < dp; ++d) panel[d * P] = src[d];
     } else {
       for (int64_t d = 0; d < dp; ++d) panel[d * P] = 0.0f;
@@ -285,11 +292,8 @@ void pack_transposed(const AttnTensor& t, int64_t b, int64_t h, const Subtile& s
     if (l >= s.count) {
       std::fill(buf, buf + dp, 0.0f);
       src[l] = buf;
-    } else if (t.dtype == DType::kFloat32 && dim == dp) {
-      src[l] = reinterpret_cast<const float*>(row_ptr(t, b, h, s.row[l]));
     } else {
-      load_row(t, b, h, s.row[l], dim, dp, buf);
-      src[l] = buf;
+      src[l] = row_fp32(t, b, h, s.row[l], dim, dp, buf);
     }
   }
   if constexpr (W == 16) {
