@@ -530,6 +530,20 @@ def test_large_logits_are_stable(mag, dtype):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("D", [40, 64])
+def test_scratch_left_by_an_earlier_call_is_never_read(D, dtype, cpu_isa):
+    """The CPU forward keeps its scratch from call to call. Fill it with NaN (an all-NaN call at
+    a larger shape), then calls with partial key blocks, causal prefixes, masks and empty rows
+    must still match the oracle."""
+    q, k, v, gen = qkv(2, 2, Nq=300, Nk=700, D=D, dtype=dtype, key=("poison", D))
+    attention(q, torch.full_like(k, float("nan")), torch.full_like(v, float("nan")))
+    q, k, v, gen = qkv(2, 3, Nq=37, Nk=45, D=D, dtype=dtype, key=("after poison", D))
+    run_forward(q, k, v, causal=True)
+    run_forward(q, k, v, attn_mask=mask_for("B,1,Nq,Nk", "bool", 2, 3, 37, 45, gen))
+    run_forward(q, k, v, key_lengths=torch.tensor([45, 0]))
+
+
 def test_one_dominant_key_per_row():
     """Softmax that is one-hot to fp32 precision returns that key's value."""
     gen = gen_for("one-hot")

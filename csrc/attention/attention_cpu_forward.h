@@ -95,22 +95,28 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
     std::vector<bool> visited;  // per subtile: has O been written by a block yet
     std::vector<float> qrows, qt, ot, o, m, l, alpha, kp, vbuf, st, tmp, row;
   };
-  std::vector<Scratch> scratch(static_cast<size_t>(workers));
+  // The calling thread keeps its workers' scratch from call to call: allocating and zeroing
+  // ~200 KB a worker each call cost ~5% of a (8, 8, 64, 64) call inside a model block. Every
+  // buffer is written before it is read within a task, so what a previous call left is never
+  // seen (tests/test_attention.py poisons it with NaN to check).
+  static thread_local std::vector<Scratch> kept;
+  std::vector<Scratch>& scratch = kept;  // the caller's: the workers must not name `kept`
+  if (scratch.size() < size_t(workers)) scratch.resize(size_t(workers));
   for (auto& s : scratch) {
-    s.sub.resize(size_t(max_sub));
-    s.visited.resize(size_t(max_sub));
-    s.qt.assign(size_t(max_sub * dp * kLanes), 0.0f);
-    s.ot.assign(size_t(max_sub * kLanes * dvp), 0.0f);
-    s.o.assign(size_t(max_sub * kLanes * dvp), 0.0f);
-    s.m.resize(size_t(max_sub * kLanes));
-    s.l.resize(size_t(max_sub * kLanes));
-    s.alpha.resize(kLanes);
-    s.kp.assign(size_t(round_up(bk, P) * dp), 0.0f);
-    s.vbuf.assign(size_t(bk * dvp), 0.0f);
-    s.st.assign(size_t(round_up(bk, P) * kLanes), 0.0f);
-    s.tmp.resize(size_t(std::max(dp, dvp)));
-    s.qrows.resize(size_t(kLanes * std::max(dp, dvp)));
-    s.row.resize(size_t(dvp));
+    grow_to(s.sub, size_t(max_sub));
+    grow_to(s.visited, size_t(max_sub));
+    grow_to(s.qt, size_t(max_sub * dp * kLanes));
+    grow_to(s.ot, size_t(max_sub * kLanes * dvp));
+    grow_to(s.o, size_t(max_sub * kLanes * dvp));
+    grow_to(s.m, size_t(max_sub * kLanes));
+    grow_to(s.l, size_t(max_sub * kLanes));
+    grow_to(s.alpha, size_t(kLanes));
+    grow_to(s.kp, size_t(round_up(bk, P) * dp));
+    grow_to(s.vbuf, size_t(bk * dvp));
+    grow_to(s.st, size_t(round_up(bk, P) * kLanes));
+    grow_to(s.tmp, size_t(std::max(dp, dvp)));
+    grow_to(s.qrows, size_t(kLanes * std::max(dp, dvp)));
+    grow_to(s.row, size_t(dvp));
   }
 
   parallel_for(tasks, num_threads, [&](int64_t task, int worker) {

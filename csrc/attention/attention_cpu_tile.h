@@ -26,6 +26,12 @@ constexpr int32_t kPlainKey = std::numeric_limits<int32_t>::min();  // kpos of a
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Scratch kept across calls: grown to at least n elements, never shrunk or cleared.
+template <class T>
+inline void grow_to(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+}
+
 // Micro-kernel shapes per vector width (see attention_cpu_mm.h).
 template <int W>
 struct Shape {
