@@ -12,6 +12,9 @@
 
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace imgtx {
 namespace simd {
@@ -151,17 +154,18 @@ inline double hsum(V v, int W) {
   return s;
 }
 
-// exp(x) for x <= 0 (softmax inputs shifted by their max, the only use): results below
-// FLT_MIN flush to 0 (-inf -> 0). Positive x is not clamped (it would cost two instructions
-// per vector in the hottest loop), so x must not exceed 88.
+// exp's argument reduction: n = round(x / ln 2) (x clamped to >= -87.34, so n in [-126, 0]).
 template <int W>
-inline typename Vec<W>::F exp(typename Vec<W>::F x) {
+inline typename Vec<W>::F exp_reduce(typename Vec<W>::F x) {
   typedef typename Vec<W>::F F;
-  typedef typename Vec<W>::I I;
-  const I tiny = x < -87.33654f;
-  x = tiny ? splat<W>(-87.33654f) : x;
   const F shifter = splat<W>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const F n = (x * 1.44269504088896341f + shifter) - shifter;
+  return (x * 1.44269504088896341f + shifter) - shifter;
+}
+
+// exp(x - n ln 2) on |x - n ln 2| <= ln 2 / 2: Cephes' minimax polynomial, ln 2 in two parts.
+template <int W>
+inline typename Vec<W>::F exp_poly(typename Vec<W>::F x, typename Vec<W>::F n) {
+  typedef typename Vec<W>::F F;
   F r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   const F r2 = r * r;
@@ -171,7 +175,32 @@ inline typename Vec<W>::F exp(typename Vec<W>::F x) {
   p = p * r + 4.1665795894E-2f;
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
-  p = p * r2 + r + 1.0f;
+  return p * r2 + r + 1.0f;
+}
+
+// exp(x) for x <= 0 (softmax inputs shifted by their max, the only use): results below
+// FLT_MIN flush to 0 (-inf -> 0). Positive x is not clamped (it would cost two instructions
+// per vector in the hottest loop), so x must not exceed 88.
+template <int W>
+inline typename Vec<W>::F exp(typename Vec<W>::F x) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::I I;
+#if defined(__AVX512F__)
+  if constexpr (W == 16) {
+    // The same arithmetic in fewer instructions: one mask (x >= lo, or NaN) both clamps x and,
+    // through vscalefps' zero-masking, zeroes those lanes' p * 2^n; the scaling is one
+    // instruction instead of four. Bitwise equal to the generic path.
+    const __m512 lo = _mm512_set1_ps(-87.33654f);
+    const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, lo, _CMP_NLT_UQ);
+    x = (F)_mm512_mask_blend_ps(keep, lo, (__m512)x);
+    const F n = exp_reduce<W>(x);
+    return (F)_mm512_maskz_scalef_ps(keep, (__m512)exp_poly<W>(x, n), (__m512)n);
+  }
+#endif
+  const I tiny = x < -87.33654f;
+  x = tiny ? splat<W>(-87.33654f) : x;
+  const F n = exp_reduce<W>(x);
+  const F p = exp_poly<W>(x, n);
   const I e = (__builtin_convertvector(n, I) + 127) << 23;
   F scale;
   std::memcpy(&scale, &e, sizeof(scale));
