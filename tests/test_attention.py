@@ -466,6 +466,21 @@ def test_strided_inputs(layout, opts, dtype):
     torch.testing.assert_close(lse, lse_c, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("N", [64, 300])
+def test_fused_projection_with_far_rows(N, cpu_isa):
+    """A (B, N, 3, H, D) projection with H * D = 512: each head's rows are 6 KB apart, so with
+    enough query subtiles the forward copies each block of V instead of reading it in place."""
+    B, H, D = 2, 8, 64
+    gen = gen_for("far rows", N)
+    q, k, v = strided_inputs("fused_qkv", B, H, H, N, N, D, gen, F32)
+    assert v.stride(2) * 4 > 4096
+    for kw in (dict(causal=True), dict(key_lengths=torch.tensor([N, N // 3]))):
+        out, lse = run_forward(q, k, v, **kw)
+        out_c, lse_c = attention(*(t.contiguous() for t in (q, k, v)), return_lse=True, **kw)
+        torch.testing.assert_close(out, out_c, atol=0, rtol=0)  # the same products, in order
+        torch.testing.assert_close(lse, lse_c, atol=0, rtol=0)
+
+
 # ---- randomized sweep --------------------------------------------------------------------------
 def test_hypothesis_sweep():
     hypothesis = pytest.importorskip("hypothesis")

@@ -149,7 +149,8 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
         if (!packed) {
           krows = rows_in_place(p.k, b, g, blk, D, dp, ldk);
           if (!krows) pack_panels<P>(p.k, b, g, blk, D, dp, padded, s.kp.data(), s.tmp.data());
-          vrows = rows_fp32(p.v, b, g, blk, Dv, dvp, s.vbuf.data(), ldv);
+          // V rows far apart are copied when enough subtiles will walk them (see rows_near).
+          vrows = rows_fp32(p.v, b, g, blk, Dv, dvp, s.vbuf.data(), ldv, nsub >= 4);
           packed = true;
         }
         const int64_t count = visible_prefix(blk, sub);

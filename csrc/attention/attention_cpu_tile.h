@@ -242,10 +242,27 @@ inline const float* rows_in_place(const AttnTensor& t, int64_t b, int64_t h, con
   return reinterpret_cast<const float*>(row_ptr(t, b, h, blk.row[0]));
 }
 
-// Rows of the block as fp32 [count][dp]: in place where possible, else converted into buf.
+// Rows at most this many bytes apart are read in place by kernels that walk a block's rows
+// many times (the O^T product: once per 12 columns of V and per subtile). Rows further apart
+// (a fused qkv projection's view puts each head's rows 3 * width floats apart, every row on
+// its own page) cost a TLB miss per row per pass, and the hardware prefetcher does not follow
+// them: copying V once per block made a (2, 8, 1024, 64) call from such a view 4-5% faster at
+// 1 thread; at 64 queries (2 subtiles) the copy cost more than it saved. K is read once per
+// subtile in 12-row panels and gained nothing from a copy.
+constexpr int64_t kInPlaceMaxRowBytes = 4096;
+
+// Whether t's rows are close enough to read in place however often (kInPlaceMaxRowBytes).
+inline bool rows_near(const AttnTensor& t) {
+  return t.stride_row * dtype_size(t.dtype) <= kInPlaceMaxRowBytes;
+}
+
+// Rows of the block as fp32 [count][dp]: in place where possible (and, with near_only, where
+// the rows are close together), else converted into buf.
 inline const float* rows_fp32(const AttnTensor& t, int64_t b, int64_t h, const KeyBlock& blk,
-                              int64_t dim, int64_t dp, float* buf, int64_t& ld) {
-  if (const float* rows = rows_in_place(t, b, h, blk, dim, dp, ld)) return rows;
+                              int64_t dim, int64_t dp, float* buf, int64_t& ld,
+                              bool near_only = false) {
+  if (!near_only || rows_near(t))
+    if (const float* rows = rows_in_place(t, b, h, blk, dim, dp, ld)) return rows;
   for (int64_t j = 0; j < blk.count; ++j)
     load_row(t, b, h, blk.row[size_t(j)], dim, dp, buf + j * dp);
   ld = dp;
