@@ -284,11 +284,11 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
     s.qpos.resize(size_t(R));
   }
 
-  // Merges the splits of one (batch, kv head, tile) and writes its rows of out and lse.
+  // Merges the splits of one (batch, kv head, tile) and writes its rows of out and lse; s.tile
+  // must hold the unit's tile.
   auto merge = [&](int64_t unit, Scratch& s) {
-    const int64_t t = unit % tiles, bg = unit / tiles;
+    const int64_t bg = unit / tiles;
     const int64_t b = bg / p.kv_heads, g = bg % p.kv_heads;
-    plan.tile(t, b, s.tile);
     const int64_t nrows = int64_t(s.tile.rows.size());
     for (int64_t r = 0; r < group * nrows; ++r) {
       const int64_t h = g * group + r / nrows, row = s.tile.rows[size_t(r % nrows)];
@@ -374,8 +374,11 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
   // With one split a task merges its own unit (one fork/join less: a few microseconds of a
   // short decode call); otherwise every unit's splits are merged once all tasks are done.
   if (splits > 1)
-    parallel_for(units, num_threads,
-                 [&](int64_t unit, int worker) { merge(unit, scratch[size_t(worker)]); });
+    parallel_for(units, num_threads, [&](int64_t unit, int worker) {
+      Scratch& s = scratch[size_t(worker)];
+      plan.tile(unit % tiles, unit / tiles / p.kv_heads, s.tile);
+      merge(unit, s);
+    });
 }
 
 }  // namespace attn_cpu
