@@ -481,6 +481,16 @@ def test_fused_projection_with_far_rows(N, cpu_isa):
         torch.testing.assert_close(lse, lse_c, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B,H,Nq,Nk", [(2, 2, 2100, 1100), (1, 1, 2100, 300), (1, 2, 1100, 1030)])
+def test_tall_query_tiles(B, H, Nq, Nk, threads, causal):
+    """Long query lists run in tiles of 1024 or 512 rows where there are enough of them (each
+    key block is then read once for more queries), with a partial last tile."""
+    q, k, v, _ = qkv(B, H, Nq=Nq, Nk=Nk, D=16, key=("tall", threads, causal))
+    with_threads(threads, lambda: run_forward(q, k, v, causal=causal))
+
+
 # ---- randomized sweep --------------------------------------------------------------------------
 def test_hypothesis_sweep():
     hypothesis = pytest.importorskip("hypothesis")

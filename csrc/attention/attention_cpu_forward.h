@@ -25,15 +25,21 @@ int64_t key_block(int64_t dp, int64_t dvp) {
   return std::max<int64_t>(align, std::min<int64_t>(256, round_up(16384 / (dp + dvp), align)));
 }
 
-// Query rows per task: 256 where that still gives every thread several tasks, else 128.
-// Each key block is packed once per task, scalar copies of dp floats per key against
-// 2 * dp * rows / W FMAs of products on it: at 128 rows the packing cost ~10% of a 2-FMA-port
-// core's time, at 256 half that. Fewer, larger tasks would leave threads idle on short inputs;
-// local patterns keep 128 (a taller tile's key segments cover more keys its rows cannot see).
+// Query rows per task: the tallest of 1024, 512 and 256 that still gives every thread several
+// tasks, else 128. A task reads each key block once for all its subtiles, so taller tiles read
+// K and V fewer times. Packing costs per key dp scalar copies against 2 * dp * rows / W FMAs of
+// products on it (at 128 rows ~10% of a 2-FMA-port core's time, at 256 half that). And a fused
+// qkv projection's view puts each head's rows 3 * width floats apart, where the hardware
+// prefetcher does not follow them and every row falls into the same few cache sets: there a
+// (4, 8, 1024, 64) call took 5-7% longer at 256 rows than at 1024, which matched contiguous
+// inputs (C++ harness, 2 threads, interleaved). Fewer, taller tasks would leave threads idle on
+// short inputs; local patterns keep 128 (a taller tile's key segments cover more keys its rows
+// cannot see).
 inline int64_t forward_tile_rows(const AttnForwardParams& p, int num_threads) {
   if (p.pattern.kind != AttnPatternKind::kDense) return 128;
-  const int64_t tasks_at_256 = p.batch * p.heads * ((p.q_len + 255) / 256);
-  return tasks_at_256 >= 4 * int64_t(num_threads) ? 256 : 128;
+  for (int64_t rows = 1024; rows >= 256; rows /= 2)
+    if (p.batch * p.heads * ((p.q_len + rows - 1) / rows) >= 4 * int64_t(num_threads)) return rows;
+  return 128;
 }
 
 // Online softmax over one block for one subtile: st holds the block's scores [count][32] and
