@@ -62,6 +62,27 @@ def test_the_fast_path_is_taken_only_when_nothing_needs_the_dispatcher():
     assert not _launch.eager_fast_path(torch.randn(3, device="meta"))
     with FlopCounterMode(display=False):  # a dispatch mode must see the op
         assert not _launch.eager_fast_path(torch.randn(3))
+    assert _launch.eager_fast_path(x.detach(), torch.randn(2).requires_grad_(False))
+    with torch.no_grad():  # grad mode alone, without an input that requires grad, changes nothing
+        assert _launch.eager_fast_path(x.detach())
+
+
+def test_jit_tracing_records_the_registered_op():
+    """Under torch.jit.trace the fast path is off, so the trace holds the op (a bypass would leave
+    a graph that replays constants)."""
+    seen = []
+
+    def f(q, k, v):
+        seen.append(_launch.eager_fast_path(q, k, v))
+        return imgtx_fast.attention(q, k, v, causal=True)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(3))
+    traced = torch.jit.trace(f, (q, k, v), check_trace=False)
+    assert seen == [False]
+    assert "attention_forward" in str(traced.graph)
+    q2, k2, v2 = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(3))
+    assert torch.equal(traced(q2, k2, v2), imgtx_fast.attention(q2, k2, v2, causal=True))
 
 
 def test_dispatch_modes_still_see_the_ops():
@@ -81,13 +102,13 @@ def test_dispatch_modes_still_see_the_ops():
         assert any(op in s for s in seen), op
 
 
-@pytest.mark.parametrize("missing", ["_len_torch_dispatch_stack", "_functorch.peek_interpreter_stack"])
+@pytest.mark.parametrize("missing", ["_dispatch_stack_len", "_peek_interpreter_stack"])
 def test_a_torch_without_a_private_api_takes_the_registered_op(missing, monkeypatch):
-    """The fast path's check reads private torch APIs; a torch release without one of them runs
-    every call through the registered op (the public path), with the same results."""
+    """The fast path's check reads private torch APIs, looked up when the module loads (None
+    where torch lacks one); without one of them every call runs through the registered op (the
+    public path), with the same results."""
     want = {name: as_tuple(fn()) for name, fn in calls().items()}
-    owner, attr = (torch._C._functorch, "peek_interpreter_stack") if "." in missing else (torch._C, missing)
-    monkeypatch.delattr(owner, attr)
+    monkeypatch.setattr(_launch, missing, None)
     assert not _launch.eager_fast_path(torch.randn(3))
     for name, fn in calls().items():
         for a, b in zip(as_tuple(fn()), want[name]):
