@@ -26,7 +26,8 @@ from .._frontend.common import check_int, check_real
 from ..patterns import MAX_FIELD
 from ..reference import attention as _reference
 from .._backend import fast_everywhere
-from ._launch import EMULATOR, cuda_module, cuda_stream, device_guard, eager_fast_path, num_threads
+from ._launch import (EMULATOR, any_autocast_enabled, cuda_module, cuda_stream, device_guard,
+                      eager_fast_path, num_threads)
 
 
 def _tensor_arg(t: Tensor, name: str):
@@ -425,7 +426,7 @@ def eager_forward(q, k, v, causal_offset: int, align_end: bool, key_lengths, att
     # eager_fast_path first: under torch.compile it answers before anything dynamo cannot trace
     if (q is None or k is None or v is None  # (it lets None through)
             or not eager_fast_path(q, k, v, key_lengths, attn_mask) or not fast_everywhere()
-            or EMULATOR.get() is not None or torch.is_autocast_enabled("cpu")):
+            or EMULATOR.get() is not None or any_autocast_enabled()):
         return None
     code = FLOAT_CODES.get(q.dtype)
     if code is None or (key_lengths is not None and key_lengths.dtype is not torch.int64):
