@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <dlfcn.h>
 #include <exception>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <pthread.h>
@@ -69,6 +71,26 @@ class TaskRanges {
   int capacity_ = 0, count_ = 0;
 };
 
+// Waits until done() holds or `limit` has passed, without sleeping; returns done().
+// Why spin at all: waking a thread that sleeps on a condition variable took longer in a VM than
+// a short kernel call (a (1, 8, 1, 64) decode over 1024 keys: 178 us on 1 thread, 277 us on 2),
+// so the pool's helpers and its caller spin briefly before they sleep, as OpenMP's threads do.
+template <class Done>
+bool spin_until(Done done, std::chrono::microseconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  for (int i = 0;; ++i) {
+    if (done()) return true;
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() >= deadline) return done();
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+}
+
+// How long the pool's threads spin before sleeping: a few back-to-back calls' gaps (Python and
+// NumPy work between kernel calls), short enough that idle helpers give their cores back soon.
+constexpr std::chrono::microseconds kSpin{200};
+
 class Pool {
  public:
   ~Pool() {
@@ -87,7 +109,12 @@ class Pool {
   // yet (its core busy, e.g. with torch's OpenMP threads spinning after a torch op) is not
   // waited for, so the call never stalls for a scheduler time slice (measured: 3 ms -> 8 ms
   // steps when every call waited for every helper).
-  bool try_run(int64_t num_tasks, int workers, const std::function<void(int64_t, int)>& fn) {
+  //
+  // spin: whether the threads spin (kSpin) before sleeping, for this call's end and for the next
+  // call. Only when no OpenMP runtime is in the process: next to torch's spinning OpenMP threads
+  // (IMGTX_FAST_CPU_THREADING=pool, or a forked child) spinning helpers would take their cores.
+  bool try_run(int64_t num_tasks, int workers, const std::function<void(int64_t, int)>& fn,
+               bool spin) {
     std::unique_lock<std::mutex> busy(busy_mu_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
     grow(workers - 1);
@@ -97,15 +124,23 @@ class Pool {
       tasks_.reset(num_tasks, workers);
       active_helpers_ = workers - 1;
       open_ = true;
-      joined_ = finished_ = 0;
+      joined_ = 0;
+      finished_.store(0);
       error_ = nullptr;
-      ++generation_;
+      spin_.store(spin, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     work(0);
     std::unique_lock<std::mutex> lk(mu_);
     open_ = false;
-    done_cv_.wait(lk, [&] { return finished_ == joined_; });
+    if (spin && finished_.load() != joined_) {  // helpers still at work: wait for them awake
+      const int joined = joined_;
+      lk.unlock();
+      spin_until([&] { return finished_.load(std::memory_order_acquire) >= joined; }, kSpin);
+      lk.lock();
+    }
+    done_cv_.wait(lk, [&] { return finished_.load() == joined_; });
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
     return true;
@@ -123,17 +158,19 @@ class Pool {
     t_inside_task = true;  // nested parallel_for calls from a task run inline
     uint64_t seen = 0;
     for (;;) {
+      if (spin_.load(std::memory_order_relaxed))  // the next call may come right away
+        spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; }, kSpin);
       {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return stop_ || (generation_ != seen && id <= active_helpers_); });
+        cv_.wait(lk, [&] { return stop_ || (generation_.load() != seen && id <= active_helpers_); });
         if (stop_) return;
-        seen = generation_;
+        seen = generation_.load();
         if (!open_) continue;  // woke after the caller finished: nothing left to join
         ++joined_;
       }
       work(id);
       std::lock_guard<std::mutex> lk(mu_);
-      if (++finished_ == joined_) done_cv_.notify_one();
+      if (finished_.fetch_add(1) + 1 == joined_) done_cv_.notify_one();
     }
   }
 
@@ -147,8 +184,11 @@ class Pool {
   TaskRanges tasks_;
   int active_helpers_ = 0;
   bool open_ = false;  // helpers may still join the current call
-  int joined_ = 0, finished_ = 0;
-  uint64_t generation_ = 0;
+  int joined_ = 0;
+  // Written under mu_; also read without it by threads that spin.
+  std::atomic<int> finished_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> spin_{false};
   bool stop_ = false;
   std::exception_ptr error_;
 };
@@ -198,13 +238,29 @@ bool pool_forced() {
   return forced;
 }
 
-// The team's entry points, or null. Looked up while libgomp is absent (about a microsecond:
+// Whether a look for a runtime that was not loaded at the last look is due: at most every
+// kRecheck. dlopen(RTLD_NOLOAD) of a library that is not loaded costs ~9 us in this VM, too much
+// to pay on every call; torch imported after the NumPy front end ran is seen within kRecheck.
+constexpr std::chrono::milliseconds kRecheck{50};
+
+bool recheck_due(std::atomic<int64_t>& next_ns) {
+  const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch()).count();
+  int64_t due = next_ns.load(std::memory_order_relaxed);
+  if (now < due) return false;
+  const int64_t next = now + std::chrono::duration_cast<std::chrono::nanoseconds>(kRecheck).count();
+  return next_ns.compare_exchange_strong(due, next, std::memory_order_relaxed);
+}
+
+// The team's entry points, or null. Looked up while libgomp is absent (at most every kRecheck:
 // torch may be imported after the NumPy front end ran), kept once found: the NOLOAD handle
 // holds a reference, so the runtime can never be unloaded under us.
 const Gomp* team() {
   if (g_forked.load(std::memory_order_relaxed) || pool_forced()) return nullptr;
   static std::atomic<const Gomp*> found{nullptr};
   if (const Gomp* g = found.load(std::memory_order_acquire)) return g;
+  static std::atomic<int64_t> next_look{0};
+  if (!recheck_due(next_look)) return nullptr;
   void* lib = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);
   if (!lib) return nullptr;
   auto parallel = reinterpret_cast<GompParallel>(dlsym(lib, "GOMP_parallel"));
@@ -216,6 +272,23 @@ const Gomp* team() {
   static const Gomp gomp{parallel, thread_num};
   found.store(&gomp, std::memory_order_release);
   return &gomp;
+}
+
+// Whether an OpenMP runtime is loaded at all (torch's libgomp, or another), whether or not we
+// use its team: our pool then must not spin next to its threads.
+bool openmp_in_process() {
+  static std::atomic<bool> seen{false};
+  static std::atomic<int64_t> next_look{0};
+  if (seen.load(std::memory_order_relaxed)) return true;
+  if (!recheck_due(next_look)) return false;
+  for (const char* name : {"libgomp.so.1", "libiomp5.so", "libomp.so"}) {
+    if (void* lib = dlopen(name, RTLD_NOW | RTLD_NOLOAD)) {
+      dlclose(lib);
+      seen.store(true, std::memory_order_relaxed);
+      return true;
+    }
+  }
+  return false;
 }
 
 std::mutex g_team_mu;  // one parallel_for at a time owns the team; others run serially
@@ -270,7 +343,7 @@ void parallel_for(int64_t num_tasks, int num_threads,
     try {
       const Gomp* gomp = team();
       ran = gomp ? try_run_on_team(*gomp, num_tasks, workers, fn)
-                 : pool().try_run(num_tasks, workers, fn);
+                 : pool().try_run(num_tasks, workers, fn, !openmp_in_process());
     } catch (...) {
       t_inside_task = false;
       throw;

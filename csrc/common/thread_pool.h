@@ -10,6 +10,8 @@
 // libtorch nor libgomp, so without torch (the NumPy front end) nothing is loaded and our own
 // pool runs, as before. A forked child never enters the parent's team (libgomp has no fork
 // handler: its threads are gone in the child); it uses a fresh pool of ours.
+// The pool's threads spin for up to 200 us before they sleep, as OpenMP's do, but only when no
+// OpenMP runtime is in the process (its own spinning threads would then fight ours).
 // IMGTX_FAST_CPU_THREADING=pool forces our own pool (read once). The Python layer passes
 // torch.get_num_threads() on every call, so the user's thread setting is respected either way.
 #pragma once
