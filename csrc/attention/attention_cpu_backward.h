@@ -49,11 +49,11 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
   const bool has_mask = p.mask.kind != AttnMaskKind::kNone;
   const int64_t acc_ld = dp + dvp;  // acc rows: [dK (dp) | dV (dvp)]
 
-  struct Scratch {
+  struct alignas(kCacheLine) Scratch {  // (cache_line.h: no line shared between workers)
     attn::QueryTile tile;
     KeyBlock blk;
-    std::vector<Subtile> sub;
-    std::vector<float> qrows, qt, qs, dot, dor, dq, lse, delta, kp, kr, vp, st, dpt, dkb, dvb, tmp, row,
+    LineVector<Subtile> sub;
+    LineVector<float> qrows, qt, qs, dot, dor, dq, lse, delta, kp, kr, vp, st, dpt, dkb, dvb, tmp, row,
         acc;
   };
   std::vector<Scratch> scratch(static_cast<size_t>(workers));
@@ -223,7 +223,7 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
     const int64_t pair = task / row_blocks, j0 = (task % row_blocks) * rows_per;
     const int64_t b = pair / p.kv_heads, g = pair % p.kv_heads;
     const float* base = chunk_acc.data() + pair * chunks * Nk * acc_ld;
-    std::vector<float>& sum = s.tmp;
+    LineVector<float>& sum = s.tmp;
     sum.resize(size_t(acc_ld));
     for (int64_t j = j0; j < std::min(Nk, j0 + rows_per); ++j) {
       std::fill(sum.begin(), sum.end(), 0.0f);

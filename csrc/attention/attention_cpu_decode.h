@@ -263,15 +263,16 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
   constexpr int64_t C = kDecodeChunk;
 
   // Partial results per task: R rows of (m, l, o[dvp]).
-  const int64_t part_ld = dvp + 2;
-  std::vector<float> partial(size_t(tasks * R * part_ld));
+  // rows padded to whole cache lines: tasks on different workers write neighbouring rows
+  const int64_t part_ld = round_up(dvp + 2, int64_t(kCacheLine / sizeof(float)));
+  LineVector<float> partial(size_t(tasks * R * part_ld));
 
-  struct Scratch {
+  struct alignas(kCacheLine) Scratch {  // (cache_line.h: no line shared between workers)
     attn::QueryTile tile;
     KeyBlock blk;
-    std::vector<float> q, vrow, kbuf, vbuf;
-    std::vector<int64_t> head, row;
-    std::vector<int32_t> qpos;
+    LineVector<float> q, vrow, kbuf, vbuf;
+    LineVector<int64_t> head, row;
+    LineVector<int32_t> qpos;
   };
   std::vector<Scratch> scratch(static_cast<size_t>(workers));
   for (auto& s : scratch) {

@@ -94,12 +94,12 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
   const int64_t group = p.heads / p.kv_heads;
   const bool has_mask = p.mask.kind != AttnMaskKind::kNone;
 
-  struct Scratch {
+  struct alignas(kCacheLine) Scratch {  // (cache_line.h: no line shared between workers)
     attn::QueryTile tile;
     KeyBlock blk;
-    std::vector<Subtile> sub;
-    std::vector<bool> visited;  // per subtile: has O been written by a block yet
-    std::vector<float> qrows, qt, ot, o, m, l, alpha, kp, vbuf, st, tmp, row;
+    LineVector<Subtile> sub;
+    LineVector<bool> visited;  // per subtile: has O been written by a block yet
+    LineVector<float> qrows, qt, ot, o, m, l, alpha, kp, vbuf, st, tmp, row;
   };
   // The calling thread keeps its workers' scratch from call to call: allocating and zeroing
   // ~200 KB a worker each call cost ~5% of a (8, 8, 64, 64) call inside a model block. Every

@@ -14,6 +14,7 @@
 
 #include "attention/attention_cpu_mm.h"
 #include "attention/attention_plan.h"
+#include "common/cache_line.h"
 #include "common/simd.h"
 #include "imgtx/attention.h"
 
@@ -27,8 +28,8 @@ constexpr int32_t kPlainKey = std::numeric_limits<int32_t>::min();  // kpos of a
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Scratch kept across calls: grown to at least n elements, never shrunk or cleared.
-template <class T>
-inline void grow_to(std::vector<T>& v, size_t n) {
+template <class Vector>
+inline void grow_to(Vector& v, size_t n) {
   if (v.size() < n) v.resize(n);
 }
 
@@ -73,8 +74,8 @@ inline const float* row_fp32(const AttnTensor& t, int64_t b, int64_t h, int64_t 
 
 // One block of up to `cap` keys drawn from the tile's segments, in order.
 struct KeyBlock {
-  std::vector<int64_t> row;   // key rows
-  std::vector<int32_t> kpos;  // kPlainKey, or the key's position in a causal segment
+  LineVector<int64_t> row;   // key rows (per-worker scratch: cache_line.h)
+  LineVector<int32_t> kpos;  // kPlainKey, or the key's position in a causal segment
   int64_t count = 0;
   int32_t kpos_max = kPlainKey;  // largest causal position (kPlainKey if none)
   int32_t kpos_min = 0;          // smallest causal position

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/cache_line.h"
 #include "imgtx/attention.h"
 
 namespace imgtx {
@@ -23,10 +24,10 @@ struct KeySegment {
   int64_t kpos0 = 0;
 };
 
-struct QueryTile {
-  std::vector<int64_t> rows;  // query rows i
-  std::vector<int32_t> qpos;  // their positions for causal segments
-  std::vector<KeySegment> segments;
+struct QueryTile {  // kernels keep one per worker: its storage has its own cache lines
+  LineVector<int64_t> rows;  // query rows i
+  LineVector<int32_t> qpos;  // their positions for causal segments
+  LineVector<KeySegment> segments;
 };
 
 class AttnPlan {

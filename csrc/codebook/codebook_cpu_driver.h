@@ -22,6 +22,7 @@
 
 #include "codebook/certify.h"
 #include "codebook/codebook_cpu_internal.h"
+#include "common/cache_line.h"
 #include "common/thread_pool.h"
 
 namespace imgtx {
@@ -32,8 +33,8 @@ namespace IMGTX_CPU_NS {
 // the TU's ISA. Its fp32 scores obey the same error bound as the micro-kernel's (certify.h).
 template <int NR>
 void collect_candidates_impl(const codebook::PackedCodebook& cb, const float* z, int64_t D,
-                             int MR, double threshold, std::vector<float>& zrow,
-                             std::vector<int32_t>& out) {
+                             int MR, double threshold, LineVector<float>& zrow,
+                             LineVector<int32_t>& out) {
   zrow.resize(size_t(D));
   for (int64_t d = 0; d < D; ++d) zrow[size_t(d)] = z[d * MR];
   out.clear();
@@ -61,14 +62,14 @@ void codebook_lookup_driver(const CodebookLookupParams& p, int num_threads) {
   const int64_t tasks = (N + rows_per_task - 1) / rows_per_task;
   const int workers = parallel_workers(tasks, num_threads);
 
-  struct Scratch {
-    std::vector<float> zpanel, partial, best, second;
-    std::vector<int32_t> index;
-    std::vector<double> znorm;
-    std::vector<char> finite;
-    std::vector<float> zrow;           // one uncertified row, contiguous
-    std::vector<int32_t> candidates;   // its possible exact argmins
-    std::vector<float> out_row;        // finalize_row's scratch
+  struct alignas(kCacheLine) Scratch {  // (common/cache_line.h: no line shared between workers)
+    LineVector<float> zpanel, partial, best, second;
+    LineVector<int32_t> index;
+    LineVector<double> znorm;
+    LineVector<char> finite;
+    LineVector<float> zrow;           // one uncertified row, contiguous
+    LineVector<int32_t> candidates;   // its possible exact argmins
+    LineVector<float> out_row;        // finalize_row's scratch
   };
   std::vector<Scratch> scratch(workers);
   for (auto& s : scratch) {
@@ -83,8 +84,8 @@ void codebook_lookup_driver(const CodebookLookupParams& p, int num_threads) {
   }
   const float inf = std::numeric_limits<float>::infinity();
   const auto collect_candidates = [&](const codebook::PackedCodebook& c, const float* z,
-                                      int64_t dim, double threshold, std::vector<float>& zrow,
-                                      std::vector<int32_t>& out) {
+                                      int64_t dim, double threshold, LineVector<float>& zrow,
+                                      LineVector<int32_t>& out) {
     collect_candidates_impl<NR>(c, z, dim, MR, threshold, zrow, out);
   };
 

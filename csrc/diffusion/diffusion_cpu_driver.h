@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/cache_line.h"
 #include "common/philox.h"
 #include "common/simd.h"
 #include "common/thread_pool.h"
@@ -511,15 +512,19 @@ int for_each_token(int64_t batch, int64_t tokens, int64_t K, const MrLogits* inp
   const int64_t Kp = padded(K, W), chunks = Kernels<W>::num_chunks(Kp);
   const int64_t group_floats = gather ? 2 * kGroup * Kp : 0;
   const int workers = parallel_workers(tasks, num_threads);
-  std::vector<float> rows(size_t(workers) * size_t(2 * Kp + group_floats));
-  std::vector<double> sums(size_t(workers) * size_t(chunks));
+  // Each worker's rows and sums start on a cache line of their own (common/cache_line.h): the
+  // sums are written for every token, and neighbouring workers' would share lines.
+  const int64_t rows_ld = (2 * Kp + group_floats + 15) / 16 * 16;
+  const int64_t sums_ld = (chunks + 7) / 8 * 8;
+  LineVector<float> rows(size_t(workers) * size_t(rows_ld));
+  LineVector<double> sums(size_t(workers) * size_t(sums_ld));
   std::atomic<int> status{0};
   parallel_for(tasks, num_threads, [&](int64_t task, int worker) {
     Scratch sc;
-    sc.l = rows.data() + size_t(worker) * size_t(2 * Kp + group_floats);
+    sc.l = rows.data() + size_t(worker) * size_t(rows_ld);
     sc.e = sc.l + Kp;
     float* group = sc.e + Kp;
-    sc.sums = sums.data() + size_t(worker) * size_t(chunks);
+    sc.sums = sums.data() + size_t(worker) * size_t(sums_ld);
     sc.pre[0] = sc.pre[1] = nullptr;
     const int64_t b = task / tasks_per_sample;
     const int64_t n0 = n_begin + (task % tasks_per_sample) * per_task;
@@ -568,8 +573,10 @@ int mr_posterior_driver(const MrPosteriorParams& p, int num_threads) {
   const int64_t tiles = (groups + L::kTileGroups - 1) / L::kTileGroups, tasks = p.batch * tiles;
   const int64_t chunks = L::num_chunks(K);
   const int workers = parallel_workers(tasks, num_threads);
-  std::vector<float> blocks(size_t(workers) * size_t(K) * W);
-  std::vector<double> sums(size_t(workers) * size_t(chunks) * W);
+  // Per worker, on cache lines of its own (common/cache_line.h), as in for_each_token.
+  const int64_t blocks_ld = (K * W + 15) / 16 * 16, sums_ld = (chunks * W + 7) / 8 * 8;
+  LineVector<float> blocks(size_t(workers) * size_t(blocks_ld));
+  LineVector<double> sums(size_t(workers) * size_t(sums_ld));
   std::atomic<int> status{0};
   parallel_for(tasks, num_threads, [&](int64_t task, int worker) {
     const int64_t b = task / tiles, g0 = (task % tiles) * L::kTileGroups;
@@ -580,8 +587,8 @@ int mr_posterior_driver(const MrPosteriorParams& p, int num_threads) {
     int local = 0;
     for (int64_t g = 0; g < count; ++g)
       local |= L::posterior_group(p, b, (g0 + g) * W, seed, M[g], bad[g],
-                                  blocks.data() + size_t(worker) * size_t(K) * W,
-                                  sums.data() + size_t(worker) * size_t(chunks) * W);
+                                  blocks.data() + size_t(worker) * size_t(blocks_ld),
+                                  sums.data() + size_t(worker) * size_t(sums_ld));
     if (local) status.fetch_or(local, std::memory_order_relaxed);
   });
   return status.load() | for_each_token<W>(p.batch, p.tokens, K, inputs, num_threads, row,

@@ -17,6 +17,7 @@
 void run_diffusion_tests();  // test_diffusion.cpp
 void run_attention_tests();  // test_attention.cpp
 void run_thread_pool_tests();  // test_thread_pool.cpp
+void run_cache_line_tests();   // test_cache_line.cpp
 
 namespace {
 
@@ -155,6 +156,7 @@ int main() {
   run_diffusion_tests();
   run_attention_tests();
   run_thread_pool_tests();
+  run_cache_line_tests();
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed ? 1 : 0;
 }

@@ -1,0 +1,41 @@
+// Storage that never shares a cache line with another allocation.
+//
+// Why: a kernel's caller allocates every worker's scratch in a row, and the allocator packs
+// small buffers (a subtile's running max and sum, a row of output) next to each other. Two
+// workers writing their own buffers then write the same cache line, which bounces between the
+// cores on every write: a (1, 8, 64, 64) attention forward ran 83 us on 2 threads against 69 us
+// on 1, and 37 us once each buffer had its lines to itself.
+#pragma once
+
+#include <cstddef>
+#include <new>
+#include <vector>
+
+namespace imgtx {
+
+constexpr size_t kCacheLine = 64;
+
+// An allocator whose blocks start on a cache line and end on one (the size rounded up).
+template <class T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <class U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) {
+    const size_t bytes = (n * sizeof(T) + kCacheLine - 1) / kCacheLine * kCacheLine;
+    return static_cast<T*>(::operator new(bytes, std::align_val_t(kCacheLine)));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(kCacheLine)); }
+  template <class U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+
+// A vector for per-worker scratch (see above). Structs holding a worker's scratch are declared
+// alignas(kCacheLine) too, for the fields they write themselves.
+template <class T>
+using LineVector = std::vector<T, CacheLineAllocator<T>>;
+
+}  // namespace imgtx
