@@ -252,15 +252,16 @@ bool recheck_due(std::atomic<int64_t>& next_ns) {
   return next_ns.compare_exchange_strong(due, next, std::memory_order_relaxed);
 }
 
-// The team's entry points, or null. Looked up while libgomp is absent (at most every kRecheck:
-// torch may be imported after the NumPy front end ran), kept once found: the NOLOAD handle
-// holds a reference, so the runtime can never be unloaded under us.
-const Gomp* team() {
+// The team's entry points, or null. Looked up while libgomp is absent (at most every kRecheck
+// for kernel calls, always when `now`: torch may be imported after the NumPy front end ran),
+// kept once found: the NOLOAD handle holds a reference, so the runtime can never be unloaded
+// under us.
+const Gomp* team(bool now = false) {
   if (g_forked.load(std::memory_order_relaxed) || pool_forced()) return nullptr;
   static std::atomic<const Gomp*> found{nullptr};
   if (const Gomp* g = found.load(std::memory_order_acquire)) return g;
   static std::atomic<int64_t> next_look{0};
-  if (!recheck_due(next_look)) return nullptr;
+  if (!recheck_due(next_look) && !now) return nullptr;
   void* lib = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);
   if (!lib) return nullptr;
   auto parallel = reinterpret_cast<GompParallel>(dlsym(lib, "GOMP_parallel"));
@@ -327,7 +328,7 @@ bool try_run_on_team(const Gomp& gomp, int64_t num_tasks, int workers,
 
 }  // namespace
 
-const char* threading_runtime() { return team() ? "openmp" : "pool"; }
+const char* threading_runtime() { return team(/*now=*/true) ? "openmp" : "pool"; }
 
 int parallel_workers(int64_t num_tasks, int num_threads) {
   return int(std::max<int64_t>(1, std::min<int64_t>(num_tasks, std::max(1, num_threads))));
