@@ -701,6 +701,8 @@ BACKWARD_CASES = {
     "odd_dims": dict(Nq=19, Nk=19, D=3, Dv=17, kw=dict(causal=True)),
     "big_dims": dict(B=1, H=2, Nq=19, Nk=19, D=256, Dv=80, kw=dict(causal=True)),
     "scale": dict(Nq=19, Nk=25, kw=dict(scale=0.37, pattern=Local1d(4))),
+    # 16 (batch, kv head) pairs and >= 512 queries: 512-row tiles (a partial last one)
+    "tall_tiles": dict(B=4, H=4, Nq=600, Nk=530, D=16, kw=dict(causal=True)),
 }
 
 
@@ -732,6 +734,20 @@ def test_backward_half(name, dtype):
 def test_backward_some_inputs_require_grad(wrt):
     q, k, v, gen, api, kw = backward_case("local1d")
     run_backward(q, k, v, gen=gen, api=api, wrt=wrt, **kw)
+
+
+def test_backward_tall_tiles_do_not_depend_on_the_thread_count():
+    """The backward's tile height depends on the problem only: 512-row tiles give bitwise the
+    same gradients on 1 and 2 threads."""
+    q, k, v, gen, _, kw = backward_case("tall_tiles")
+    g = randn(q.shape, gen)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(attention(*leaves, **kw), leaves, g)
+
+    for a, b in zip(with_threads(1, run), with_threads(2, run)):
+        assert torch.equal(a, b)
 
 
 def test_backward_rows_without_keys_have_zero_grads():
