@@ -264,7 +264,7 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
 
   // Partial results per task: R rows of (m, l, o[dvp]).
   // rows padded to whole cache lines: tasks on different workers write neighbouring rows
-  const int64_t part_ld = round_up(dvp + 2, int64_t(kCacheLine / sizeof(float)));
+  const int64_t part_ld = line_padded<float>(dvp + 2);
   LineVector<float> partial(size_t(tasks * R * part_ld));
 
   struct alignas(kCacheLine) Scratch {  // (cache_line.h: no line shared between workers)

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <new>
 #include <vector>
 
@@ -32,6 +33,15 @@ struct CacheLineAllocator {
   template <class U>
   bool operator!=(const CacheLineAllocator<U>&) const { return false; }
 };
+
+// n elements of T rounded up to whole cache lines: the per-worker stride that keeps each
+// worker's slice of one shared LineVector on lines of its own.
+template <class T>
+constexpr int64_t line_padded(int64_t n) {
+  static_assert(kCacheLine % sizeof(T) == 0, "T must tile a cache line");
+  constexpr int64_t per_line = int64_t(kCacheLine / sizeof(T));
+  return (n + per_line - 1) / per_line * per_line;
+}
 
 // A vector for per-worker scratch (see above). Structs holding a worker's scratch are declared
 // alignas(kCacheLine) too, for the fields they write themselves.

@@ -514,8 +514,8 @@ int for_each_token(int64_t batch, int64_t tokens, int64_t K, const MrLogits* inp
   const int workers = parallel_workers(tasks, num_threads);
   // Each worker's rows and sums start on a cache line of their own (common/cache_line.h): the
   // sums are written for every token, and neighbouring workers' would share lines.
-  const int64_t rows_ld = (2 * Kp + group_floats + 15) / 16 * 16;
-  const int64_t sums_ld = (chunks + 7) / 8 * 8;
+  const int64_t rows_ld = line_padded<float>(2 * Kp + group_floats);
+  const int64_t sums_ld = line_padded<double>(chunks);
   LineVector<float> rows(size_t(workers) * size_t(rows_ld));
   LineVector<double> sums(size_t(workers) * size_t(sums_ld));
   std::atomic<int> status{0};
@@ -574,7 +574,7 @@ int mr_posterior_driver(const MrPosteriorParams& p, int num_threads) {
   const int64_t chunks = L::num_chunks(K);
   const int workers = parallel_workers(tasks, num_threads);
   // Per worker, on cache lines of its own (common/cache_line.h), as in for_each_token.
-  const int64_t blocks_ld = (K * W + 15) / 16 * 16, sums_ld = (chunks * W + 7) / 8 * 8;
+  const int64_t blocks_ld = line_padded<float>(K * W), sums_ld = line_padded<double>(chunks * W);
   LineVector<float> blocks(size_t(workers) * size_t(blocks_ld));
   LineVector<double> sums(size_t(workers) * size_t(sums_ld));
   std::atomic<int> status{0};

@@ -1,6 +1,6 @@
 // LineVector (common/cache_line.h): every block starts on a cache line and no two blocks share
 // one, whatever the element type and count, vector<bool> included; the vectors behave as
-// std::vector otherwise.
+// std::vector otherwise; line_padded rounds counts up to whole lines.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -47,9 +47,18 @@ void test_bool_vector() {
   check(set == 334 + 1000, "LineVector<bool> stores and grows its bits");
 }
 
+void test_line_padded() {
+  using imgtx::line_padded;
+  check(line_padded<float>(1) == 16 && line_padded<float>(16) == 16 &&
+            line_padded<float>(17) == 32 && line_padded<double>(9) == 16 &&
+            line_padded<double>(0) == 0,
+        "line_padded rounds an element count up to whole cache lines");
+}
+
 }  // namespace
 
 void run_cache_line_tests() {
+  test_line_padded();
   test_blocks_own_their_lines<float>("float");
   test_blocks_own_their_lines<double>("double");
   test_blocks_own_their_lines<int64_t>("int64_t");
