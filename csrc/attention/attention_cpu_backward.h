@@ -69,7 +69,7 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
     LineVector<float> qrows, qt, qs, dot, dor, dq, lse, delta, kp, kr, vp, st, dpt, dkb, dvb, tmp, row,
         acc;
   };
-  std::vector<Scratch> scratch(static_cast<size_t>(workers));
+  LineVector<Scratch> scratch(static_cast<size_t>(workers));
   for (auto& s : scratch) {
     s.sub.resize(size_t(max_sub));
     s.qt.assign(size_t(max_sub * dp * kLanes), 0.0f);

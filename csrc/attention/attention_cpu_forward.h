@@ -105,8 +105,8 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
   // ~200 KB a worker each call cost ~5% of a (8, 8, 64, 64) call inside a model block. Every
   // buffer is written before it is read within a task, so what a previous call left is never
   // seen (tests/test_attention.py poisons it with NaN to check).
-  static thread_local std::vector<Scratch> kept;
-  std::vector<Scratch>& scratch = kept;  // the caller's: the workers must not name `kept`
+  static thread_local LineVector<Scratch> kept;
+  LineVector<Scratch>& scratch = kept;  // the caller's: the workers must not name `kept`
   if (scratch.size() < size_t(workers)) scratch.resize(size_t(workers));
   for (auto& s : scratch) {
     grow_to(s.sub, size_t(max_sub));

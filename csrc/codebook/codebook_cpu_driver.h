@@ -71,7 +71,7 @@ void codebook_lookup_driver(const CodebookLookupParams& p, int num_threads) {
     LineVector<int32_t> candidates;   // its possible exact argmins
     LineVector<float> out_row;        // finalize_row's scratch
   };
-  std::vector<Scratch> scratch(workers);
+  LineVector<Scratch> scratch(workers);
   for (auto& s : scratch) {
     s.zpanel.resize(size_t(rows_per_task * D));
     if (D > dim_block) s.partial.resize(size_t(rows_per_task * chunk * NR));

@@ -47,6 +47,30 @@ void test_bool_vector() {
   check(set == 334 + 1000, "LineVector<bool> stores and grows its bits");
 }
 
+// A worker's scratch struct is declared alignas(kCacheLine) and kept in a LineVector: every
+// element on a line boundary, and a vector that grows and shrinks many times (each block freed
+// through the pointer the allocator records before it) keeps its contents.
+void test_aligned_structs() {
+  struct alignas(imgtx::kCacheLine) Worker {
+    float m = 0.0f;
+    imgtx::LineVector<float> row;
+  };
+  imgtx::LineVector<Worker> ws;
+  bool aligned = true, kept = true;
+  for (int round = 0; round < 50; ++round) {
+    ws.resize(size_t(1 + round % 7));
+    for (size_t i = 0; i < ws.size(); ++i) {
+      aligned &= reinterpret_cast<uintptr_t>(&ws[i]) % imgtx::kCacheLine == 0;
+      ws[i].m = float(i);
+      ws[i].row.assign(size_t(1 + (round * 5 + i) % 37), float(round));
+    }
+    for (size_t i = 0; i < ws.size(); ++i)
+      kept &= ws[i].m == float(i) && ws[i].row.back() == float(round);
+  }
+  check(aligned, "LineVector of alignas(kCacheLine) structs: every element on a line");
+  check(kept, "LineVector of structs holding LineVectors keeps its values through resizes");
+}
+
 void test_line_padded() {
   using imgtx::line_padded;
   check(line_padded<float>(1) == 16 && line_padded<float>(16) == 16 &&
@@ -64,4 +88,5 @@ void run_cache_line_tests() {
   test_blocks_own_their_lines<int64_t>("int64_t");
   test_blocks_own_their_lines<char>("char");
   test_bool_vector();
+  test_aligned_structs();
 }
