@@ -229,8 +229,8 @@ void decode_chunk(const AttnMask& mask, const DecodeRows& r, const KeyBlock& blk
 // in the core's out-of-order window (a pointer table per chunk cost 15-20% of the read rate).
 template <int W, int NQ>
 void decode_blocks(const AttnForwardParams& p, const DecodeRows& r, int64_t g,
-                   KeyBlocks& blocks, KeyBlock& blk, int64_t first, int64_t last, float* kbuf,
-                   float* vbuf) {
+                   KeyBlocks& blocks, KeyBlock& blk, int64_t first, int64_t last,
+                   LineVector<float>& kbuf, LineVector<float>& vbuf) {
   constexpr int64_t C = kDecodeChunk;
   const int64_t D = p.head_dim, Dv = p.v_dim;
   const float* kptr[C];
@@ -255,11 +255,14 @@ void decode_blocks(const AttnForwardParams& p, const DecodeRows& r, int64_t g,
                             StridedRows{vin + c0 * ldv, ldv}, sc);
         continue;
       }
-      // Rows converted to fp32 (or gathered) into the scratch, chunk by chunk.
+      // Rows converted to fp32 (or gathered) into the scratch, chunk by chunk. The buffers are
+      // made on first use: fp32 caches read in place never touch them, and a short cache
+      // that fills the L2 loses lines to every buffer written next to it.
+      if (kbuf.empty()) kbuf.resize(size_t(C * r.dp)), vbuf.resize(size_t(C * r.dvp));
       for (int64_t i = 0; i < cnt; ++i) {
         const int64_t j = blk.row[size_t(c0 + i)];
-        kptr[i] = row_fp32(p.k, r.b, g, j, D, r.dp, kbuf + i * r.dp);
-        vptr[i] = row_fp32(p.v, r.b, g, j, Dv, r.dvp, vbuf + i * r.dvp);
+        kptr[i] = row_fp32(p.k, r.b, g, j, D, r.dp, kbuf.data() + i * r.dp);
+        vptr[i] = row_fp32(p.v, r.b, g, j, Dv, r.dvp, vbuf.data() + i * r.dvp);
       }
       decode_chunk<W, NQ>(p.mask, r, blk, c0, cnt, static_cast<const float* const*>(kptr),
                           static_cast<const float* const*>(vptr), sc);
@@ -285,7 +288,6 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
   const int64_t tasks = units * splits;
   const int workers = parallel_workers(tasks, threads);
   const float ninf = -std::numeric_limits<float>::infinity();
-  constexpr int64_t C = kDecodeChunk;
 
   // Partial results per task: R rows of (m, l, o[dvp]).
   // rows padded to whole cache lines: tasks on different workers write neighbouring rows
@@ -303,8 +305,6 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
   for (auto& s : scratch) {
     s.q.resize(size_t(R * dp));
     s.vrow.resize(size_t(dvp));
-    s.kbuf.resize(size_t(C * dp));
-    s.vbuf.resize(size_t(C * dvp));
     s.head.resize(size_t(R));
     s.row.resize(size_t(R));
     s.qpos.resize(size_t(R));
@@ -384,8 +384,8 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
     r.qpos = s.qpos.data();
     r.part = part;
     KeyBlocks blocks(s.tile, bk);
-    float* kb = s.kbuf.data();
-    float* vb = s.vbuf.data();
+    LineVector<float>& kb = s.kbuf;  // (made by decode_blocks when rows need converting)
+    LineVector<float>& vb = s.vbuf;
     if (dp == 4 * W)  // the common head widths get unrolled dot products
       decode_blocks<W, 4>(p, r, g, blocks, s.blk, first, last, kb, vb);
     else if (dp == 8 * W)
