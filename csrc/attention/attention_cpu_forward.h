@@ -44,11 +44,11 @@ inline int64_t forward_tile_rows(const AttnForwardParams& p, int num_threads) {
 
 // Online softmax over one block for one subtile: st holds the block's scores [count][32] and
 // becomes P; m, l are the running max and sum per lane; alpha receives exp(m_old - m_new).
-// Returns whether any alpha differs from 1 (the accumulator then needs rescaling).
-template <int W>
+// Returns whether any alpha differs from 1 (the accumulator then needs rescaling). Only the
+// first V vectors of lanes are computed (live_lanes: the others hold no query).
+template <int W, int V>
 bool softmax_block(float* st, int64_t count, float* m, float* l, float* alpha) {
   typedef typename simd::Vec<W>::F F;
-  constexpr int V = kLanes / W;
   const float ninf = -std::numeric_limits<float>::infinity();
   F mx[V], sum[V], use[V];
   for (int v = 0; v < V; ++v) mx[v] = simd::load<W>(m + v * W);
@@ -77,6 +77,15 @@ bool softmax_block(float* st, int64_t count, float* m, float* l, float* alpha) {
   for (int v = 0; v < V; ++v)
     simd::store<W>(l + v * W, simd::load<W>(l + v * W) * simd::load<W>(alpha + v * W) + sum[v]);
   return rescale;
+}
+
+// softmax_block over the first `lanes` lanes (a multiple of W), the vector count fixed when
+// compiled so that its loops unroll.
+template <int W, int V = kLanes / W>
+bool softmax_lanes(int lanes, float* st, int64_t count, float* m, float* l, float* alpha) {
+  if constexpr (V > 1)
+    if (lanes <= (V - 1) * W) return softmax_lanes<W, V - 1>(lanes, st, count, m, l, alpha);
+  return softmax_block<W, V>(st, count, m, l, alpha);
 }
 
 template <int W>
@@ -150,6 +159,7 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
       int64_t ldv = 0, ldk = 0;
       for (int64_t i = 0; i < nsub; ++i) {
         const Subtile& sub = s.sub[size_t(i)];
+        const int lanes = live_lanes<W>(sub);
         const Visibility vis = classify(blk, sub, has_mask);
         if (vis == Visibility::kNone) continue;
         if (!packed) {
@@ -162,32 +172,33 @@ void attention_forward_driver(const AttnForwardParams& p, int num_threads) {
         const int64_t count = visible_prefix(blk, sub);
         float* st = s.st.data();
         if (krows)
-          rows_times_lanes<W>(krows, ldk, dp, count, s.qt.data() + i * dp * kLanes, st);
+          rows_times_lanes<W>(krows, ldk, dp, count, s.qt.data() + i * dp * kLanes, st, lanes);
         else
-          panels_times_lanes<W>(s.kp.data(), dp, count, s.qt.data() + i * dp * kLanes, st);
+          panels_times_lanes<W>(s.kp.data(), dp, count, s.qt.data() + i * dp * kLanes, st, lanes);
         if (vis == Visibility::kPartial) apply_masks<W>(p, b, h, blk, count, sub, st);
         float* ot = s.ot.data() + i * kLanes * dvp;  // O^T [dvp][32 lanes]
-        const bool rescale = softmax_block<W>(st, count, s.m.data() + i * kLanes,
+        const bool rescale = softmax_lanes<W>(lanes, st, count, s.m.data() + i * kLanes,
                                               s.l.data() + i * kLanes, s.alpha.data());
         if (!s.visited[size_t(i)]) {  // first block: O = P V, nothing to rescale or zero
           s.visited[size_t(i)] = true;
-          matrix_t_times_lanes<W, false>(count, vrows, ldv, dvp, st, ot);
+          matrix_t_times_lanes<W, false>(count, vrows, ldv, dvp, st, ot, lanes);
           continue;
         }
         if (rescale) {
           typedef typename simd::Vec<W>::F F;
-          for (int v = 0; v < kLanes / W; ++v) {
+          for (int v = 0; v < lanes / W; ++v) {
             const F a = simd::load<W>(s.alpha.data() + v * W);
             for (int64_t d = 0; d < dvp; ++d)
               simd::store<W>(ot + d * kLanes + v * W, simd::load<W>(ot + d * kLanes + v * W) * a);
           }
         }
-        matrix_t_times_lanes<W, true>(count, vrows, ldv, dvp, st, ot);
+        matrix_t_times_lanes<W, true>(count, vrows, ldv, dvp, st, ot, lanes);
       }
     }
     for (int64_t i = 0; i < nsub; ++i)
       if (s.visited[size_t(i)])
-        lanes_to_rows<W>(s.ot.data() + i * kLanes * dvp, dvp, s.o.data() + i * kLanes * dvp);
+        lanes_to_rows<W>(s.ot.data() + i * kLanes * dvp, dvp, s.o.data() + i * kLanes * dvp,
+                         live_lanes<W>(s.sub[size_t(i)]));
 
     for (int64_t i = 0; i < nsub; ++i) {
       const Subtile& sub = s.sub[size_t(i)];

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention/attention_cpu_mm.h"
@@ -148,6 +149,23 @@ inline void make_subtile(const attn::QueryTile& tile, int64_t first, Subtile& s)
       s.qpos[l] = std::numeric_limits<int32_t>::max();
     }
   }
+}
+
+// The lanes of a subtile that hold queries, rounded up to whole vectors. The forward's products,
+// softmax and transposes run on these only: 16 or fewer queries (a short sequence, or the last
+// rows of a tile) leave half of the 32 lanes as padding, and computing them doubled the work.
+template <int W>
+inline int live_lanes(const Subtile& s) {
+  return int(round_up(s.count, W));
+}
+
+// mm(l0, nv) over lanes [0, lanes) (a multiple of W): chunks of 2 vectors (the micro-kernels'
+// usual width), then one vector if W lanes remain. nv is a std::integral_constant.
+template <int W, class Mm>
+inline void for_lane_chunks(int lanes, Mm&& mm) {
+  int l0 = 0;
+  for (; l0 + 2 * W <= lanes; l0 += 2 * W) mm(l0, std::integral_constant<int, 2>{});
+  if (l0 < lanes) mm(l0, std::integral_constant<int, 1>{});
 }
 
 enum class Visibility { kNone, kPartial, kAll };
@@ -351,46 +369,52 @@ void rows_times_matrix(int64_t kdim, const float* a, const float* bmat, int64_t 
 // shorter micro-kernel (a third, two thirds or all of its rows): short key lists (77 padded
 // keys of cross attention) otherwise spend up to a panel of work on padding.
 template <int W>
-void panels_times_lanes(const float* kp, int64_t dp, int64_t count, const float* bt, float* st) {
+void panels_times_lanes(const float* kp, int64_t dp, int64_t count, const float* bt, float* st,
+                        int lanes = kLanes) {
   constexpr int P = Shape<W>::kPanel, T = P / 3;
   for (int64_t j0 = 0; j0 < count; j0 += P) {
     const float* panel = kp + (j0 / P) * dp * P;
     const int64_t rows = std::min<int64_t>(P, count - j0);
-    for (int l0 = 0; l0 < kLanes; l0 += 2 * W) {
+    for_lane_chunks<W>(lanes, [&](int l0, auto nv) {
+      constexpr int NV = decltype(nv)::value;
       float* c = st + j0 * kLanes + l0;
       if (rows > 2 * T)
-        attn_mm::mm<W, P, 2, P, 1, false>(dp, panel, bt + l0, kLanes, c, kLanes);
+        attn_mm::mm<W, P, NV, P, 1, false>(dp, panel, bt + l0, kLanes, c, kLanes);
       else if (rows > T)
-        attn_mm::mm<W, 2 * T, 2, P, 1, false>(dp, panel, bt + l0, kLanes, c, kLanes);
+        attn_mm::mm<W, 2 * T, NV, P, 1, false>(dp, panel, bt + l0, kLanes, c, kLanes);
       else
-        attn_mm::mm<W, T, 2, P, 1, false>(dp, panel, bt + l0, kLanes, c, kLanes);
-    }
+        attn_mm::mm<W, T, NV, P, 1, false>(dp, panel, bt + l0, kLanes, c, kLanes);
+    });
   }
 }
 
 // The last R (< kPanel) rows of accessor_times_lanes: a micro-kernel of exactly R rows (reading
 // past them would leave the tensor).
 template <int W, int R, bool kAccumulate, class A>
-void tail_times_lanes(int64_t r, int64_t kdim, A a, const float* b, float* c) {
+void tail_times_lanes(int64_t r, int64_t kdim, A a, const float* b, float* c, int lanes) {
   if constexpr (R > 0) {
-    if (r != R) return tail_times_lanes<W, R - 1, kAccumulate>(r, kdim, a, b, c);
-    for (int l0 = 0; l0 < kLanes; l0 += 2 * W)
-      attn_mm::mm_with<W, R, 2, kAccumulate>(kdim, a, b + l0, kLanes, c + l0, kLanes);
+    if (r != R) return tail_times_lanes<W, R - 1, kAccumulate>(r, kdim, a, b, c, lanes);
+    for_lane_chunks<W>(lanes, [&](int l0, auto nv) {
+      attn_mm::mm_with<W, R, decltype(nv)::value, kAccumulate>(kdim, a, b + l0, kLanes, c + l0,
+                                                                kLanes);
+    });
   }
 }
 
 // c[r][lane] (+)= sum_k A(k, r) b[k][lane] for r < rows (exactly those rows are written), in
 // kPanel-row micro-kernels; at(r0) is the accessor of rows r0.. (an fp32 operand read in place).
 template <int W, bool kAccumulate, class At>
-void accessor_times_lanes(int64_t rows, int64_t kdim, At at, const float* b, float* c) {
+void accessor_times_lanes(int64_t rows, int64_t kdim, At at, const float* b, float* c,
+                          int lanes) {
   constexpr int P = Shape<W>::kPanel;
   int64_t r0 = 0;
   for (; r0 + P <= rows; r0 += P)
-    for (int l0 = 0; l0 < kLanes; l0 += 2 * W)
-      attn_mm::mm_with<W, P, 2, kAccumulate>(kdim, at(r0), b + l0, kLanes, c + r0 * kLanes + l0,
-                                             kLanes);
+    for_lane_chunks<W>(lanes, [&](int l0, auto nv) {
+      attn_mm::mm_with<W, P, decltype(nv)::value, kAccumulate>(kdim, at(r0), b + l0, kLanes,
+                                                                c + r0 * kLanes + l0, kLanes);
+    });
   if (r0 < rows)
-    tail_times_lanes<W, P - 1, kAccumulate>(rows - r0, kdim, at(r0), b, c + r0 * kLanes);
+    tail_times_lanes<W, P - 1, kAccumulate>(rows - r0, kdim, at(r0), b, c + r0 * kLanes, lanes);
 }
 
 // ot[d][lane] (+)= sum_k v[k * ldv + d] * pt[k][lane] for d < dp, k < kdim: the forward's
@@ -400,33 +424,34 @@ void accessor_times_lanes(int64_t rows, int64_t kdim, At at, const float* b, flo
 // online softmax's rescale of O is lane-wise. The sums are the same products in the same order.
 template <int W, bool kAccumulate>
 void matrix_t_times_lanes(int64_t kdim, const float* v, int64_t ldv, int64_t dp, const float* pt,
-                          float* ot) {
+                          float* ot, int lanes = kLanes) {
   accessor_times_lanes<W, kAccumulate>(
-      dp, kdim, [=](int64_t d0) { return attn_mm::KStride{v + d0, ldv}; }, pt, ot);
+      dp, kdim, [=](int64_t d0) { return attn_mm::KStride{v + d0, ldv}; }, pt, ot, lanes);
 }
 
 // panels_times_lanes with the keys read in place: st[j][lane] = sum_d k[j * ldk + d] *
 // bt[d][lane] for j < count (exactly those rows are written), k the block's fp32 rows.
 template <int W>
 void rows_times_lanes(const float* k, int64_t ldk, int64_t dp, int64_t count, const float* bt,
-                      float* st) {
+                      float* st, int lanes = kLanes) {
   accessor_times_lanes<W, false>(
-      count, dp, [=](int64_t j0) { return attn_mm::RowStride{k + j0 * ldk, ldk}; }, bt, st);
+      count, dp, [=](int64_t j0) { return attn_mm::RowStride{k + j0 * ldk, ldk}; }, bt, st,
+      lanes);
 }
 
-// o[lane][d] = ot[d][lane] for d < dp (a multiple of W): 16 x 16 register transposes on
-// AVX-512, scalar otherwise.
+// o[lane][d] = ot[d][lane] for d < dp (a multiple of W) and lane < lanes: 16 x 16 register
+// transposes on AVX-512, scalar otherwise.
 template <int W>
-void lanes_to_rows(const float* ot, int64_t dp, float* o) {
+void lanes_to_rows(const float* ot, int64_t dp, float* o, int lanes = kLanes) {
   if constexpr (W == 16) {
     const float* rows[16];
     for (int64_t d0 = 0; d0 < dp; d0 += 16) {
       for (int r = 0; r < 16; ++r) rows[r] = ot + (d0 + r) * kLanes;
-      for (int l0 = 0; l0 < kLanes; l0 += 16) transpose16(rows, l0, 1.0f, o + l0 * dp + d0, dp);
+      for (int l0 = 0; l0 < lanes; l0 += 16) transpose16(rows, l0, 1.0f, o + l0 * dp + d0, dp);
     }
   } else {
     for (int64_t d = 0; d < dp; ++d)
-      for (int l = 0; l < kLanes; ++l) o[l * dp + d] = ot[d * kLanes + l];
+      for (int l = 0; l < lanes; ++l) o[l * dp + d] = ot[d * kLanes + l];
   }
 }
 
