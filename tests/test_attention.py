@@ -572,6 +572,22 @@ def test_scratch_left_by_an_earlier_call_is_never_read(D, dtype, cpu_isa):
     run_forward(q, k, v, key_lengths=torch.tensor([45, 0]))
 
 
+@pytest.mark.parametrize("D", [40, 64])
+def test_backward_scratch_left_by_an_earlier_call_is_never_read(D, cpu_isa):
+    """The CPU backward keeps its scratch from call to call too. Poison it with NaN (a backward
+    of all-NaN inputs at a larger shape), then backwards with short subtiles (live lanes),
+    partial key blocks, causal prefixes, masks and empty rows must still match the oracle."""
+    q, k, v, gen = qkv(2, 2, Nq=300, Nk=700, D=D, key=("bwd poison", D))
+    nan_q, nan_k, nan_v = (torch.full_like(t, float("nan")).requires_grad_() for t in (q, k, v))
+    out = attention(nan_q, nan_k, nan_v)
+    torch.autograd.grad(out, (nan_q, nan_k, nan_v), torch.full_like(out, float("nan")))
+    for Nq, Nk in ((13, 45), (37, 45)):
+        q, k, v, gen = qkv(2, 3, Nq=Nq, Nk=Nk, D=D, key=("bwd after poison", D, Nq))
+        run_backward(q, k, v, gen=gen, causal=True)
+        run_backward(q, k, v, gen=gen, attn_mask=mask_for("B,1,Nq,Nk", "bool", 2, 3, Nq, Nk, gen))
+        run_backward(q, k, v, gen=gen, key_lengths=torch.tensor([Nk, 0]))
+
+
 def test_one_dominant_key_per_row():
     """Softmax that is one-hot to fp32 precision returns that key's value."""
     gen = gen_for("one-hot")

@@ -10,6 +10,7 @@
 #pragma once
 
 #include "attention/attention_cpu_forward.h"
+#include "common/fp64_sum.h"
 
 namespace imgtx {
 namespace IMGTX_CPU_NS {
@@ -69,27 +70,32 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
     LineVector<float> qrows, qt, qs, dot, dor, dq, lse, delta, kp, kr, vp, st, dpt, dkb, dvb, tmp, row,
         acc;
   };
-  LineVector<Scratch> scratch(static_cast<size_t>(workers));
+  // The calling thread keeps its workers' scratch from call to call, as the forward does:
+  // allocating and zeroing ~250 KB a worker took ~10% of a short call's time. Every buffer is
+  // written before it is read within a task (tests/test_attention.py poisons it with NaN).
+  static thread_local LineVector<Scratch> kept;
+  LineVector<Scratch>& scratch = kept;  // the caller's: the workers must not name `kept`
+  if (scratch.size() < size_t(workers)) scratch.resize(size_t(workers));
   for (auto& s : scratch) {
-    s.sub.resize(size_t(max_sub));
-    s.qt.assign(size_t(max_sub * dp * kLanes), 0.0f);
-    s.qs.assign(size_t(max_sub * kLanes * dp), 0.0f);
-    s.dot.assign(size_t(max_sub * dvp * kLanes), 0.0f);
-    s.dor.assign(size_t(max_sub * kLanes * dvp), 0.0f);
-    s.dq.assign(size_t(max_sub * kLanes * dp), 0.0f);
-    s.lse.resize(size_t(max_sub * kLanes));
-    s.delta.resize(size_t(max_sub * kLanes));
-    s.kp.assign(size_t(bk_pad * dp), 0.0f);
-    s.kr.assign(size_t(bk * dp), 0.0f);
-    s.vp.assign(size_t(bk_pad * dvp), 0.0f);
-    s.st.assign(size_t(bk_pad * kLanes), 0.0f);
-    s.dpt.assign(size_t(bk_pad * kLanes), 0.0f);
-    s.dkb.assign(size_t(bk_pad * dp), 0.0f);
-    s.dvb.assign(size_t(bk_pad * dvp), 0.0f);
-    s.tmp.resize(size_t(std::max(dp, dvp)));
-    s.qrows.resize(size_t(kLanes * std::max(dp, dvp)));
-    s.row.resize(size_t(std::max(dp, dvp)));
-    if (chunks == 1) s.acc.resize(size_t(Nk * acc_ld));
+    grow_to(s.sub, size_t(max_sub));
+    grow_to(s.qt, size_t(max_sub * dp * kLanes));
+    grow_to(s.qs, size_t(max_sub * kLanes * dp));
+    grow_to(s.dot, size_t(max_sub * dvp * kLanes));
+    grow_to(s.dor, size_t(max_sub * kLanes * dvp));
+    grow_to(s.dq, size_t(max_sub * kLanes * dp));
+    grow_to(s.lse, size_t(max_sub * kLanes));
+    grow_to(s.delta, size_t(max_sub * kLanes));
+    grow_to(s.kp, size_t(bk_pad * dp));
+    grow_to(s.kr, size_t(bk * dp));
+    grow_to(s.vp, size_t(bk_pad * dvp));
+    grow_to(s.st, size_t(bk_pad * kLanes));
+    grow_to(s.dpt, size_t(bk_pad * kLanes));
+    grow_to(s.dkb, size_t(bk_pad * dp));
+    grow_to(s.dvb, size_t(bk_pad * dvp));
+    grow_to(s.tmp, size_t(std::max(dp, dvp)));
+    grow_to(s.qrows, size_t(kLanes * std::max(dp, dvp)));
+    grow_to(s.row, size_t(std::max(dp, dvp)));
+    if (chunks == 1) grow_to(s.acc, size_t(Nk * acc_ld));
   }
   std::vector<float> chunk_acc;
   if (chunks > 1) chunk_acc.assign(size_t(tasks * Nk * acc_ld), 0.0f);
@@ -106,7 +112,7 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
     const int64_t pair = task / chunks, chunk = task % chunks;
     const int64_t b = pair / p.kv_heads, g = pair % p.kv_heads;
     float* acc = chunks == 1 ? s.acc.data() : chunk_acc.data() + task * Nk * acc_ld;
-    if (chunks == 1) std::fill(s.acc.begin(), s.acc.end(), 0.0f);
+    if (chunks == 1) std::fill(acc, acc + Nk * acc_ld, 0.0f);
     const int64_t u0 = units * chunk / chunks, u1 = units * (chunk + 1) / chunks;
 
     for (int64_t u = u0; u < u1; ++u) {
@@ -120,7 +126,9 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
                            s.qrows.data());
         pack_transposed<W>(p.grad_out, b, h, sub, Dv, dvp, 1.0f, s.dot.data() + i * dvp * kLanes,
                            s.qrows.data());
-        for (int lane = 0; lane < kLanes; ++lane) {
+        // Lanes past live_lanes hold no query: the products, dS and the sums over lanes skip
+        // them (a subtile of 16 or fewer queries is otherwise half padding).
+        for (int lane = 0; lane < live_lanes<W>(sub); ++lane) {
           float* qs = s.qs.data() + (i * kLanes + lane) * dp;
           float* dor = s.dor.data() + (i * kLanes + lane) * dvp;
           float& lse = s.lse[size_t(i * kLanes + lane)];
@@ -137,8 +145,10 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
           for (int64_t d = 0; d < dp; ++d) qs[d] *= p.scale;
           load_row(p.grad_out, b, h, row, Dv, dvp, dor);
           load_row(p.out, b, h, row, Dv, dvp, s.tmp.data());
-          double dsum = 0.0;
-          for (int64_t d = 0; d < Dv; ++d) dsum += double(dor[d]) * double(s.tmp[size_t(d)]);
+          // Delta = dO . O in float64, in fp64_sum.h's 8 chains (one chain of dependent FMAs
+          // was a fifth of a short backward's time).
+          const float* o = s.tmp.data();
+          const double dsum = sum_in_lanes(Dv, [&](int64_t d) { return double(dor[d]) * double(o[d]); });
           // d lse / d s = P: an incoming lse gradient shifts Delta (dS = P (dP - Delta + g)).
           delta = float(dsum) - (p.grad_lse ? p.grad_lse[(b * p.heads + h) * p.q_len + row] : 0.0f);
           lse = p.lse[(b * p.heads + h) * p.q_len + row];
@@ -155,6 +165,7 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
         int64_t ldk = 0, ldv = 0;
         for (int64_t i = 0; i < nsub; ++i) {
           const Subtile& sub = s.sub[size_t(i)];
+          const int lanes = live_lanes<W>(sub);
           const Visibility vis = classify(blk, sub, has_mask);
           if (vis == Visibility::kNone) continue;
           if (!packed) {
@@ -172,21 +183,25 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
           float* st = s.st.data();
           float* dpt = s.dpt.data();
           if (k_in)
-            rows_times_lanes<W>(k_in, ldk, dp, count, s.qt.data() + i * dp * kLanes, st);
+            rows_times_lanes<W>(k_in, ldk, dp, count, s.qt.data() + i * dp * kLanes, st, lanes);
           else
-            panels_times_lanes<W>(s.kp.data(), dp, count, s.qt.data() + i * dp * kLanes, st);
+            panels_times_lanes<W>(s.kp.data(), dp, count, s.qt.data() + i * dp * kLanes, st,
+                                  lanes);
           if (vis == Visibility::kPartial) apply_masks<W>(p, b, h, blk, count, sub, st);
           if (v_in)
-            rows_times_lanes<W>(v_in, ldv, dvp, count, s.dot.data() + i * dvp * kLanes, dpt);
+            rows_times_lanes<W>(v_in, ldv, dvp, count, s.dot.data() + i * dvp * kLanes, dpt,
+                                lanes);
           else
-            panels_times_lanes<W>(s.vp.data(), dvp, count, s.dot.data() + i * dvp * kLanes, dpt);
+            panels_times_lanes<W>(s.vp.data(), dvp, count, s.dot.data() + i * dvp * kLanes, dpt,
+                                  lanes);
+          const int nv = lanes / W;
           F lse[V], delta[V];
-          for (int v = 0; v < V; ++v) {
+          for (int v = 0; v < nv; ++v) {
             lse[v] = simd::load<W>(s.lse.data() + i * kLanes + v * W);
             delta[v] = simd::load<W>(s.delta.data() + i * kLanes + v * W);
           }
           for (int64_t j = 0; j < count; ++j)
-            for (int v = 0; v < V; ++v) {
+            for (int v = 0; v < nv; ++v) {
               float* sp = st + j * kLanes + v * W;
               float* dq = dpt + j * kLanes + v * W;
               const F pr = simd::exp<W>(simd::load<W>(sp) - lse[v]);
@@ -194,13 +209,13 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
               simd::store<W>(dq, pr * (simd::load<W>(dq) - delta[v]));  // dS^T
             }
           for (int64_t j = count; j < cpad; ++j)  // padding keys contribute nothing
-            for (int l = 0; l < kLanes; ++l) st[j * kLanes + l] = dpt[j * kLanes + l] = 0.0f;
-          rows_times_matrix<W, 1, kLanes, true>(kLanes, st, s.dor.data() + i * kLanes * dvp,
+            for (int l = 0; l < lanes; ++l) st[j * kLanes + l] = dpt[j * kLanes + l] = 0.0f;
+          rows_times_matrix<W, 1, kLanes, true>(lanes, st, s.dor.data() + i * kLanes * dvp,
                                                 dvp, s.dvb.data(), dvp, dvp, int(cpad));
-          rows_times_matrix<W, 1, kLanes, true>(kLanes, dpt, s.qs.data() + i * kLanes * dp, dp,
+          rows_times_matrix<W, 1, kLanes, true>(lanes, dpt, s.qs.data() + i * kLanes * dp, dp,
                                                 s.dkb.data(), dp, dp, int(cpad));
           rows_times_matrix<W, kLanes, 1, true>(count, dpt, krows, ldk,
-                                                s.dq.data() + i * kLanes * dp, dp, dp, kLanes);
+                                                s.dq.data() + i * kLanes * dp, dp, dp, lanes);
         }
         if (!packed) continue;
         for (int64_t j = 0; j < blk.count; ++j) {
