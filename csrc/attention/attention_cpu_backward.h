@@ -67,12 +67,13 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
     attn::QueryTile tile;
     KeyBlock blk;
     LineVector<Subtile> sub;
-    LineVector<float> qrows, qt, qs, dot, dor, dq, lse, delta, kp, kr, vp, st, dpt, dkb, dvb, tmp, row,
-        acc;
+    LineVector<float> qrows, qt, qs, dot, dor, dq, lse, delta, kp, kr, vp, st, dpt, dkb, dvb, tmp, row;
   };
   // The calling thread keeps its workers' scratch from call to call, as the forward does:
   // allocating and zeroing ~250 KB a worker took ~10% of a short call's time. Every buffer is
-  // written before it is read within a task (tests/test_attention.py poisons it with NaN).
+  // written before it is read within a task (tests/test_attention.py poisons it with NaN). Its
+  // size depends on the tile and block sizes only; the dK/dV accumulators, which grow with the
+  // key count, are made per call (below).
   static thread_local LineVector<Scratch> kept;
   LineVector<Scratch>& scratch = kept;  // the caller's: the workers must not name `kept`
   if (scratch.size() < size_t(workers)) scratch.resize(size_t(workers));
@@ -95,10 +96,10 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
     grow_to(s.tmp, size_t(std::max(dp, dvp)));
     grow_to(s.qrows, size_t(kLanes * std::max(dp, dvp)));
     grow_to(s.row, size_t(std::max(dp, dvp)));
-    if (chunks == 1) grow_to(s.acc, size_t(Nk * acc_ld));
   }
-  std::vector<float> chunk_acc;
-  if (chunks > 1) chunk_acc.assign(size_t(tasks * Nk * acc_ld), 0.0f);
+  // fp32 [dK | dV] accumulators: one per worker (chunks == 1), else one per chunk.
+  const int64_t acc_stride = line_padded<float>(Nk * acc_ld);
+  LineVector<float> accs(size_t((chunks == 1 ? workers : tasks) * acc_stride));
 
   const auto write_rows = [&](const AttnOutput& o, int64_t b, int64_t h, int64_t row,
                               const float* src, int64_t dim, float* tmp) {
@@ -111,7 +112,7 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
     Scratch& s = scratch[size_t(worker)];
     const int64_t pair = task / chunks, chunk = task % chunks;
     const int64_t b = pair / p.kv_heads, g = pair % p.kv_heads;
-    float* acc = chunks == 1 ? s.acc.data() : chunk_acc.data() + task * Nk * acc_ld;
+    float* acc = accs.data() + (chunks == 1 ? worker : task) * acc_stride;
     if (chunks == 1) std::fill(acc, acc + Nk * acc_ld, 0.0f);
     const int64_t u0 = units * chunk / chunks, u1 = units * (chunk + 1) / chunks;
 
@@ -250,13 +251,13 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
     Scratch& s = scratch[size_t(worker)];
     const int64_t pair = task / row_blocks, j0 = (task % row_blocks) * rows_per;
     const int64_t b = pair / p.kv_heads, g = pair % p.kv_heads;
-    const float* base = chunk_acc.data() + pair * chunks * Nk * acc_ld;
+    const float* base = accs.data() + pair * chunks * acc_stride;
     LineVector<float>& sum = s.tmp;
     sum.resize(size_t(acc_ld));
     for (int64_t j = j0; j < std::min(Nk, j0 + rows_per); ++j) {
       std::fill(sum.begin(), sum.end(), 0.0f);
       for (int64_t c = 0; c < chunks; ++c) {
-        const float* a = base + (c * Nk + j) * acc_ld;
+        const float* a = base + c * acc_stride + j * acc_ld;
         for (int64_t d = 0; d < acc_ld; ++d) sum[size_t(d)] += a[d];
       }
       write_rows(p.grad_k, b, g, j, sum.data(), D, s.row.data());
