@@ -1,7 +1,9 @@
 """The public functions call their op's implementation directly for plain CPU tensors without
-autograd (ops._launch.eager_fast_path: the custom-op dispatcher costs ~20-40 us per call). Both
-routes must give identical results, and anything the dispatcher must see (autograd, dispatch
-modes, torch.compile) must still take the registered op."""
+autograd (ops._launch.eager_fast_path: the custom-op dispatcher costs ~20-40 us per call);
+attention with autograd records its kernels as one autograd.Function node of its own (the
+custom op's autograd wrapper costs ~100 us a forward and ~150 us a backward). Both routes must
+give identical results and gradients, and anything the dispatcher must see (dispatch modes,
+functorch transforms, torch.compile) must still take the registered op."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -44,12 +46,35 @@ def as_tuple(out):
 def test_fast_path_equals_the_registered_op(name, monkeypatch):
     fast = as_tuple(calls()[name]())
     for module in MODULES:
-        monkeypatch.setattr(module, "eager_fast_path", lambda *tensors: False)
+        monkeypatch.setattr(module, "eager_fast_path", lambda *tensors, **kw: False)
     monkeypatch.setattr(attention_module, "eager_forward", lambda *args, **kwargs: None)  # one-call path
     slow = as_tuple(calls()[name]())
     assert len(fast) == len(slow)
     for a, b in zip(fast, slow):
         assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        assert torch.equal(a, b)
+
+
+def test_attention_with_autograd_records_one_node_with_the_ops_gradients(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 11, 8, generator=g).requires_grad_() for _ in range(3))
+    mask = torch.rand(11, 11, generator=g) < 0.7
+    go = torch.randn(2, 3, 11, 8, generator=g)
+
+    def run():
+        out = imgtx_fast.attention(q, k, v, attn_mask=mask, causal=True)
+        return out, type(out.grad_fn).__name__, torch.autograd.grad(out, (q, k, v), go)
+
+    out, node, grads = run()
+    assert node == "_EagerAttentionBackward"
+    assert _launch.eager_fast_path(q, k, v, autograd=True)
+    assert not _launch.eager_fast_path(q, k, v)
+    for module in MODULES:
+        monkeypatch.setattr(module, "eager_fast_path", lambda *tensors, **kw: False)
+    out_op, node_op, grads_op = run()
+    assert node_op != node  # the registered op's autograd node
+    assert out.stride() == out_op.stride() and torch.equal(out, out_op)
+    for a, b in zip(grads, grads_op):
         assert torch.equal(a, b)
 
 
@@ -65,6 +90,9 @@ def test_the_fast_path_is_taken_only_when_nothing_needs_the_dispatcher():
     assert _launch.eager_fast_path(x.detach(), torch.randn(2).requires_grad_(False))
     with torch.no_grad():  # grad mode alone, without an input that requires grad, changes nothing
         assert _launch.eager_fast_path(x.detach())
+    assert _launch.eager_fast_path(x, autograd=True)  # a caller that records autograd itself
+    with FlopCounterMode(display=False):
+        assert not _launch.eager_fast_path(x, autograd=True)
 
 
 def test_jit_tracing_records_the_registered_op():

@@ -78,14 +78,16 @@ any_autocast_enabled = (getattr(torch._C, "_is_any_autocast_enabled", None)
                         or (lambda: torch.is_autocast_enabled("cpu")))
 
 
-def eager_fast_path(*tensors) -> bool:
+def eager_fast_path(*tensors, autograd: bool = False) -> bool:
     """Whether a public function may call its op's implementation directly instead of the
     registered custom op: plain CPU tensors (None allowed), no autograd, no torch.compile,
     tracing, functorch transform or dispatch mode. The custom-op dispatcher costs ~40 us per
     call, as much as the kernel of a small call (a decoding step of a small layer, a sampling
     step of a few tokens). A functorch transform (vmap, grad) or a torch_dispatch mode
     (FlopCounterMode, ...) must see the registered op too: only private torch APIs answer that
-    cheaply, and where a torch release lacks one the answer is "active"."""
+    cheaply, and where a torch release lacks one the answer is "active".
+    autograd=True: the same, except that inputs requiring grad are allowed (the caller records
+    the call as an autograd.Function of its own)."""
     if (torch.compiler.is_compiling() or _is_tracing() or _peek_interpreter_stack is None
             or _dispatch_stack_len is None or _peek_interpreter_stack() is not None
             or _dispatch_stack_len() > 0):
@@ -99,4 +101,4 @@ def eager_fast_path(*tensors) -> bool:
             return False
         needs_grad = needs_grad or t.requires_grad
     # grad mode matters only when an input requires grad (autograd then records the call)
-    return not (needs_grad and _is_grad_enabled())
+    return autograd or not (needs_grad and _is_grad_enabled())
