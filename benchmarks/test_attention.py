@@ -10,6 +10,8 @@ imgtx_fast is faster); each bar is reported met/missed in the summary, never ass
   causal_fwd      (4, 8, 1024, 64), causal                         sdpa is_causal=True       1.0x
   dense_long_fwd  (2, 8, 4096, 64)                                 sdpa                      1.0x
   dense_fwd_bwd   (4, 8, 1024, 64), forward + backward             sdpa forward + backward   1.0x
+  short_fwd_bwd   (8, 8, 64, 64), forward + backward (training     sdpa forward + backward   1.0x
+                  at short sequences: per-call costs weigh)
   local1d         (2, 8, 4096, 64), Local1d(256) causal            sdpa + dense bool mask    8x
                                                                    sdpa tile by tile         2x
                                                                    sdpa blocked (batched)    -
@@ -96,10 +98,10 @@ def _cases(mode: str):
     """The target shapes in full and quick mode; tiny ones (same structure) in smoke mode."""
     if mode == "smoke":
         B, H, N, NL, D, L, img, qs = 1, 2, 128, 256, 32, 32, 16, (4, 8)
-        Bx, Nx, Bd, Nd, Nds = 4, 64, 2, 512, 128
+        Bx, Nx, Bd, Nd, Nds, Bs, Ns = 4, 64, 2, 512, 128, 2, 32
     else:
         B, H, N, NL, D, L, img, qs = 4, 8, 1024, 4096, 64, 256, 64, (8, 16)
-        Bx, Nx, Bd, Nd, Nds = 4, 1024, 4, 4096, 1024
+        Bx, Nx, Bd, Nd, Nds, Bs, Ns = 4, 1024, 4, 4096, 1024, 8, 64
     Bl = max(1, B // 2)
     lengths = (77, 50, 20, 7)[:Bx]
     return [
@@ -107,6 +109,7 @@ def _cases(mode: str):
         Case("causal_fwd", "causal fwd", B, H, N, N, D, causal=True, bars={"sdpa_is_causal": 1.0}),
         Case("dense_long_fwd", "dense long fwd", Bl, H, NL, NL, D, bars={"sdpa": 1.0}),
         Case("dense_fwd_bwd", "dense fwd+bwd", B, H, N, N, D, backward=True, bars={"sdpa": 1.0}),
+        Case("short_fwd_bwd", "short fwd+bwd", Bs, H, Ns, Ns, D, backward=True, bars={"sdpa": 1.0}),
         Case("local1d", f"local1d L={L} causal", Bl, H, NL, NL, D, pattern=Local1d(L, causal=True),
              bars={"sdpa_dense_mask": 8.0, "sdpa_tiled": 2.0}),
         Case("local2d", f"local2d {img}x{img} q{qs[0]}x{qs[1]} f{qs[0]}x{qs[1]}", Bl, H, img * img, img * img, D,
