@@ -323,13 +323,15 @@ inline void transpose16(const float* const* rows, int64_t c0, float scale, float
   }
 }
 
-// Queries of the subtile transposed and scaled: qt[d][lane] = scale * q[row_lane][d]. rows
-// holds kLanes * dp floats of scratch (rows not already fp32 at full padded width).
+// Queries of the subtile transposed and scaled, qt[d][lane] = scale * q[row_lane][d], for its
+// live lanes (live_lanes: the products never read the others). rows holds kLanes * dp floats of
+// scratch (rows not already fp32 at full padded width).
 template <int W>
 void pack_transposed(const AttnTensor& t, int64_t b, int64_t h, const Subtile& s, int64_t dim,
                      int64_t dp, float scale, float* qt, float* rows) {
+  const int lanes = live_lanes<W>(s);  // the columns past them are never read
   const float* src[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
+  for (int l = 0; l < lanes; ++l) {
     float* buf = rows + l * dp;
     if (l >= s.count) {
       std::fill(buf, buf + dp, 0.0f);
@@ -339,10 +341,10 @@ void pack_transposed(const AttnTensor& t, int64_t b, int64_t h, const Subtile& s
     }
   }
   if constexpr (W == 16) {
-    for (int l0 = 0; l0 < kLanes; l0 += 16)
+    for (int l0 = 0; l0 < lanes; l0 += 16)
       for (int64_t d0 = 0; d0 < dp; d0 += 16) transpose16(src + l0, d0, scale, qt + d0 * kLanes + l0, kLanes);
   } else {
-    for (int l = 0; l < kLanes; ++l)
+    for (int l = 0; l < lanes; ++l)
       for (int64_t d = 0; d < dp; ++d) qt[d * kLanes + l] = scale * src[l][d];
   }
 }
