@@ -55,15 +55,19 @@ def test_fast_path_equals_the_registered_op(name, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_attention_with_autograd_records_one_node_with_the_ops_gradients(monkeypatch):
+@pytest.mark.parametrize("loss", ["out", "lse", "both"])
+def test_attention_with_autograd_records_one_node_with_the_ops_gradients(loss, monkeypatch):
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 3, 11, 8, generator=g).requires_grad_() for _ in range(3))
     mask = torch.rand(11, 11, generator=g) < 0.7
-    go = torch.randn(2, 3, 11, 8, generator=g)
+    go, gl = torch.randn(2, 3, 11, 8, generator=g), torch.randn(2, 3, 11, generator=g)
 
     def run():
-        out = imgtx_fast.attention(q, k, v, attn_mask=mask, causal=True)
-        return out, type(out.grad_fn).__name__, torch.autograd.grad(out, (q, k, v), go)
+        out, lse = imgtx_fast.attention(q, k, v, attn_mask=mask, causal=True, return_lse=True)
+        # only the lse, only the output, or both reach the loss (unused gradients are None)
+        value = {"out": (out * go).sum(), "lse": (lse * gl).sum(),
+                 "both": (out * go).sum() + (lse * gl).sum()}[loss]
+        return out, type(out.grad_fn).__name__, torch.autograd.grad(value, (q, k, v))
 
     out, node, grads = run()
     assert node == "_EagerAttentionBackward"
