@@ -67,7 +67,8 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
     attn::QueryTile tile;
     KeyBlock blk;
     LineVector<Subtile> sub;
-    LineVector<float> qrows, qt, qs, dot, dor, dq, lse, delta, kp, kr, vp, st, dpt, dkb, dvb, tmp, row;
+    LineVector<float> qrows, qt, qs, dot, dor, dq, lse, delta, kp, kr, vp, st, dpt, dkb, dvb, tmp,
+        row;
   };
   // The calling thread keeps its workers' scratch from call to call, as the forward does:
   // allocating and zeroing ~250 KB a worker took ~10% of a short call's time. Every buffer is
@@ -149,7 +150,8 @@ void attention_backward_driver(const AttnBackwardParams& p, int num_threads) {
           // Delta = dO . O in float64, in fp64_sum.h's 8 chains (one chain of dependent FMAs
           // was a fifth of a short backward's time).
           const float* o = s.tmp.data();
-          const double dsum = sum_in_lanes(Dv, [&](int64_t d) { return double(dor[d]) * double(o[d]); });
+          const double dsum =
+              sum_in_lanes(Dv, [&](int64_t d) { return double(dor[d]) * double(o[d]); });
           // d lse / d s = P: an incoming lse gradient shifts Delta (dS = P (dP - Delta + g)).
           delta = float(dsum) - (p.grad_lse ? p.grad_lse[(b * p.heads + h) * p.q_len + row] : 0.0f);
           lse = p.lse[(b * p.heads + h) * p.q_len + row];

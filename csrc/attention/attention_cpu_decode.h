@@ -257,8 +257,8 @@ void decode_blocks(const AttnForwardParams& p, const DecodeRows& r, int64_t g,
         continue;
       }
       // Rows converted to fp32 (or gathered) into the scratch, chunk by chunk. The buffers are
-      // made on first use: fp32 caches read in place never touch them, and a short cache
-      // that fills the L2 loses lines to every buffer written next to it.
+      // made on first use: fp32 caches read in place never touch them (zeroing them on every
+      // call took a fifth of a 64-key call).
       if (kbuf.empty()) kbuf.resize(size_t(C * r.dp)), vbuf.resize(size_t(C * r.dvp));
       for (int64_t i = 0; i < cnt; ++i) {
         const int64_t j = blk.row[size_t(c0 + i)];
@@ -282,7 +282,8 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
   const int64_t bk = 256;
   const int64_t units = p.batch * p.kv_heads * tiles;
   const int64_t blocks_max = (p.k_len + bk - 1) / bk;
-  const int threads = p.batch * p.kv_heads * p.k_len * (D + Dv) * R < kDecodeSerialWork ? 1 : num_threads;
+  const int64_t work = p.batch * p.kv_heads * p.k_len * (D + Dv) * R;
+  const int threads = work < kDecodeSerialWork ? 1 : num_threads;
   int64_t splits = 1;
   if (threads > 1 && units < 4 * int64_t(threads))  // too few units to share out
     splits = std::max<int64_t>(1, std::min(blocks_max, (4 * int64_t(threads) + units - 1) / units));
