@@ -218,6 +218,49 @@ def test_a_declined_call_writes_nothing():
         _C.attention_forward_cpu_eager(q, k, v)
 
 
+def test_the_backward_entry_takes_plain_calls_and_declines_the_rest(monkeypatch):
+    """_C.attention_backward_cpu_eager: autograd's backward of a plain eager call runs it (the
+    op's body never runs), with gradients equal to the op's body's; a call it cannot take
+    (wrong shapes, dtypes or layouts, junk) returns False and writes nothing."""
+    gen = gen_for("eager backward")
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 4, 2, 9, 13, 16, 8, gen=gen))
+    mask = make_mask("bool", (2, 1, 9, 13), gen)
+    g = torch.randn(2, 4, 9, 8, generator=gen)
+    out = attention(q, k, v, attn_mask=mask, causal=True)
+    want = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+
+    def op_body(*args):
+        raise AssertionError("the op's body ran")
+    monkeypatch.setattr(fa, "_backward_impl", op_body)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    o, lse = attention(qd, kd, vd, return_lse=True)
+    go = torch.randn_like(o)
+    grads = [torch.full_like(t, 7.0) for t in (qd, kd, vd)]
+
+    def call(grad_out=go, grad_lse=None, lse_=lse, dq=grads[0], gqa=True, threads=1):
+        return _C.attention_backward_cpu_eager(grad_out, grad_lse, qd, kd, vd, o, lse_, dq, grads[1],
+                                               grads[2], 0, None, -1, None, None, _NO_CAUSAL, gqa,
+                                               threads)
+    assert call(grad_out=go[:, :, :5]) is False                     # grad_out shaped unlike out
+    assert call(grad_out=go.double()) is False                      # another dtype
+    assert call(grad_lse=torch.zeros(2, 4, 8)) is False             # grad_lse shaped unlike lse
+    assert call(grad_lse=torch.zeros(2, 9, 4).transpose(1, 2)) is False  # not contiguous
+    assert call(lse_=None) is False                                  # the backward needs lse
+    assert call(dq=torch.empty(2, 4, 9, 17)) is False                # dq shaped unlike q
+    assert call(gqa=False) is False                                  # Hkv = 2 of 4 without gqa
+    for junk in (None, 3, "g", object()):
+        assert call(grad_out=junk) is False
+    assert all((t == 7).all() for t in grads)
+    assert call(threads=2) is True
+    with pytest.raises(TypeError, match="18 arguments"):
+        _C.attention_backward_cpu_eager(go, None, qd)
+
+
 def _gates():
     yield "autograd", lambda f: (f(requires_grad=True))
     yield "reference backend", lambda f: _in(imgtx_fast.backend("reference"), f)

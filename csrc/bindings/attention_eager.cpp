@@ -209,22 +209,13 @@ bool build(PyObject* const* a, AttnForwardParams& p) {
   return true;
 }
 
-PyObject* attention_forward_cpu_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 13) {
-    PyErr_Format(PyExc_TypeError, "attention_forward_cpu_eager takes 13 arguments, got %zd", nargs);
-    return nullptr;
-  }
-  AttnForwardParams p;
-  if (!build(args, p)) {
-    PyErr_Clear();  // whatever a method lookup left: the general path reports errors
-    Py_RETURN_FALSE;
-  }
-  const long threads = PyLong_AsLong(args[12]);
-  if (PyErr_Occurred()) return nullptr;
+// Runs the kernel call without the GIL: True, or NULL with its C++ exception as a Python error.
+template <class Call>
+PyObject* run_without_gil(Call&& call) {
   std::exception_ptr error;
   Py_BEGIN_ALLOW_THREADS
   try {
-    attention_forward_cpu(p, int(threads < 1 ? 1 : threads));
+    call();
   } catch (...) {
     error = std::current_exception();
   }
@@ -244,6 +235,82 @@ PyObject* attention_forward_cpu_eager(PyObject*, PyObject* const* args, Py_ssize
   Py_RETURN_TRUE;
 }
 
+PyObject* attention_forward_cpu_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 13) {
+    PyErr_Format(PyExc_TypeError, "attention_forward_cpu_eager takes 13 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  AttnForwardParams p;
+  if (!build(args, p)) {
+    PyErr_Clear();  // whatever a method lookup left: the general path reports errors
+    Py_RETURN_FALSE;
+  }
+  const long threads = PyLong_AsLong(args[12]);
+  if (PyErr_Occurred()) return nullptr;
+  return run_without_gil([&] { attention_forward_cpu(p, int(threads < 1 ? 1 : threads)); });
+}
+
+// A gradient operand: exactly (B, H, N, D) like `like`, in the same dtype object, last dim dense.
+bool read_grad(PyObject* t, PyObject* dtype_of, const View& like, View& v) {
+  if (!read_view(t, 4, v) || !same_dtype(t, dtype_of) || !dense_last(v)) return false;
+  for (int d = 0; d < 4; ++d)
+    if (v.size[d] != like.size[d]) return false;
+  return true;
+}
+
+AttnOutput grad_output(const View& v, DType dtype) {
+  return {reinterpret_cast<void*>(v.ptr), dtype, v.stride[0], v.stride[1], v.stride[2]};
+}
+
+// attention_backward_cpu_eager(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, dtype_code,
+//                              attn_mask, mask_code, key_lengths, scale, causal_offset, gqa,
+//                              num_threads) -> bool
+// The backward of a plain eager CPU call in one compiled call, as the forward's: the forward's
+// operands (checked by build(), lse required), grad_out shaped like out, grad_lse None or
+// (B, H, Nq) contiguous float32, dq/dk/dv shaped like q/k/v (written). False: nothing written,
+// the caller takes the general path.
+PyObject* attention_backward_cpu_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 18) {
+    PyErr_Format(PyExc_TypeError, "attention_backward_cpu_eager takes 18 arguments, got %zd",
+                 nargs);
+    return nullptr;
+  }
+  PyObject *grad_out = args[0], *grad_lse = args[1], *q = args[2], *k = args[3], *v = args[4];
+  // The forward's argument layout for build(): q, k, v, out, lse, dtype_code, attn_mask,
+  // mask_code, key_lengths, scale, causal_offset, gqa.
+  PyObject* const fwd[12] = {q, k, v, args[5], args[6], args[10], args[11],
+                             args[12], args[13], args[14], args[15], args[16]};
+  AttnForwardParams f;
+  AttnBackwardParams p;
+  View qv, kv, vv, ov, gv, dqv, dkv, dvv;
+  bool ok = args[6] != Py_None && build(fwd, f) && read_view(q, 4, qv) && read_view(k, 4, kv) &&
+            read_view(v, 4, vv) && read_view(args[5], 4, ov) &&
+            read_grad(grad_out, q, ov, gv) && read_grad(args[7], q, qv, dqv) &&
+            read_grad(args[8], q, kv, dkv) && read_grad(args[9], q, vv, dvv);
+  if (ok && grad_lse != Py_None) {
+    View lv;
+    ok = read_view(grad_lse, 3, lv) && lv.ndim == 3 && same_dtype(grad_lse, args[6]) &&
+         lv.size[0] == f.batch && lv.size[1] == f.heads && lv.size[2] == f.q_len &&
+         lv.stride[2] == 1 && lv.stride[1] == f.q_len && lv.stride[0] == f.heads * f.q_len;
+    if (ok) p.grad_lse = reinterpret_cast<const float*>(lv.ptr);
+  }
+  if (!ok) {
+    PyErr_Clear();  // whatever a method lookup left: the general path reports errors
+    Py_RETURN_FALSE;
+  }
+  static_cast<AttnParams&>(p) = static_cast<const AttnParams&>(f);
+  const DType dtype = f.q.dtype;
+  p.out = operand(ov, dtype);
+  p.grad_out = operand(gv, dtype);
+  p.lse = f.lse;
+  p.grad_q = grad_output(dqv, dtype);
+  p.grad_k = grad_output(dkv, dtype);
+  p.grad_v = grad_output(dvv, dtype);
+  const long threads = PyLong_AsLong(args[17]);
+  if (PyErr_Occurred()) return nullptr;
+  return run_without_gil([&] { attention_backward_cpu(p, int(threads < 1 ? 1 : threads)); });
+}
+
 PyMethodDef g_eager_def = {
     "attention_forward_cpu_eager",
     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&attention_forward_cpu_eager)),
@@ -251,6 +318,15 @@ PyMethodDef g_eager_def = {
     "attention_forward_cpu_eager(q, k, v, out, lse, dtype_code, attn_mask, mask_code, "
     "key_lengths, scale, causal_offset, gqa, num_threads) -> bool: the CPU forward on the "
     "tensors themselves; False (nothing written) for a call it does not take."};
+
+PyMethodDef g_eager_backward_def = {
+    "attention_backward_cpu_eager",
+    reinterpret_cast<PyCFunction>(
+        reinterpret_cast<void (*)(void)>(&attention_backward_cpu_eager)),
+    METH_FASTCALL,
+    "attention_backward_cpu_eager(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, dtype_code, "
+    "attn_mask, mask_code, key_lengths, scale, causal_offset, gqa, num_threads) -> bool: the CPU "
+    "backward on the tensors themselves; False (nothing written) for a call it does not take."};
 
 }  // namespace
 
@@ -263,6 +339,9 @@ void register_attention_eager(pybind11::module_& m) {
   PyObject* fn = PyCFunction_NewEx(&g_eager_def, nullptr, m.attr("__name__").ptr());
   if (!fn) throw pybind11::error_already_set();
   m.add_object("attention_forward_cpu_eager", pybind11::reinterpret_steal<pybind11::object>(fn));
+  PyObject* bwd = PyCFunction_NewEx(&g_eager_backward_def, nullptr, m.attr("__name__").ptr());
+  if (!bwd) throw pybind11::error_already_set();
+  m.add_object("attention_backward_cpu_eager", pybind11::reinterpret_steal<pybind11::object>(bwd));
 }
 
 }  // namespace bindings
