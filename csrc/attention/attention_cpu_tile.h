@@ -151,9 +151,10 @@ inline void make_subtile(const attn::QueryTile& tile, int64_t first, Subtile& s)
   }
 }
 
-// The lanes of a subtile that hold queries, rounded up to whole vectors. The forward's products,
-// softmax and transposes run on these only: 16 or fewer queries (a short sequence, or the last
-// rows of a tile) leave half of the 32 lanes as padding, and computing them doubled the work.
+// The lanes of a subtile that hold queries, rounded up to whole vectors. The products, softmax
+// and transposes of the forward and the backward run on these only: 16 or fewer queries (a
+// short sequence, or the last rows of a tile) leave half of the 32 lanes as padding, and
+// computing them doubled the work.
 template <int W>
 inline int live_lanes(const Subtile& s) {
   return int(round_up(s.count, W));
@@ -367,12 +368,12 @@ void rows_times_matrix(int64_t kdim, const float* a, const float* bmat, int64_t 
 }
 
 // st[j][lane] = sum_d panel(j, d) * bt[d][lane] for keys j < count (rows up to the next third
-// of a panel are written too): S^T = K Q^T and dP^T = V dO^T. The last, partial panel runs a
+// of a panel are written too) and lane < lanes (live_lanes): S^T = K Q^T and dP^T = V dO^T. The last, partial panel runs a
 // shorter micro-kernel (a third, two thirds or all of its rows): short key lists (77 padded
 // keys of cross attention) otherwise spend up to a panel of work on padding.
 template <int W>
 void panels_times_lanes(const float* kp, int64_t dp, int64_t count, const float* bt, float* st,
-                        int lanes = kLanes) {
+                        int lanes) {
   constexpr int P = Shape<W>::kPanel, T = P / 3;
   for (int64_t j0 = 0; j0 < count; j0 += P) {
     const float* panel = kp + (j0 / P) * dp * P;
@@ -426,7 +427,7 @@ void accessor_times_lanes(int64_t rows, int64_t kdim, At at, const float* b, flo
 // online softmax's rescale of O is lane-wise. The sums are the same products in the same order.
 template <int W, bool kAccumulate>
 void matrix_t_times_lanes(int64_t kdim, const float* v, int64_t ldv, int64_t dp, const float* pt,
-                          float* ot, int lanes = kLanes) {
+                          float* ot, int lanes) {
   accessor_times_lanes<W, kAccumulate>(
       dp, kdim, [=](int64_t d0) { return attn_mm::KStride{v + d0, ldv}; }, pt, ot, lanes);
 }
@@ -435,7 +436,7 @@ void matrix_t_times_lanes(int64_t kdim, const float* v, int64_t ldv, int64_t dp,
 // bt[d][lane] for j < count (exactly those rows are written), k the block's fp32 rows.
 template <int W>
 void rows_times_lanes(const float* k, int64_t ldk, int64_t dp, int64_t count, const float* bt,
-                      float* st, int lanes = kLanes) {
+                      float* st, int lanes) {
   accessor_times_lanes<W, false>(
       count, dp, [=](int64_t j0) { return attn_mm::RowStride{k + j0 * ldk, ldk}; }, bt, st,
       lanes);
@@ -444,7 +445,7 @@ void rows_times_lanes(const float* k, int64_t ldk, int64_t dp, int64_t count, co
 // o[lane][d] = ot[d][lane] for d < dp (a multiple of W) and lane < lanes: 16 x 16 register
 // transposes on AVX-512, scalar otherwise.
 template <int W>
-void lanes_to_rows(const float* ot, int64_t dp, float* o, int lanes = kLanes) {
+void lanes_to_rows(const float* ot, int64_t dp, float* o, int lanes) {
   if constexpr (W == 16) {
     const float* rows[16];
     for (int64_t d0 = 0; d0 < dp; d0 += 16) {
