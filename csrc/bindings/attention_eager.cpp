@@ -115,6 +115,10 @@ AttnTensor operand(const View& v, DType dtype) {
   return t;
 }
 
+AttnOutput output(const View& v, DType dtype) {
+  return {reinterpret_cast<void*>(v.ptr), dtype, v.stride[0], v.stride[1], v.stride[2]};
+}
+
 // The mask's strides over (B, H, Nq, Nk), broadcast as torch does (trailing dims aligned,
 // size-1 dims read with stride 0); false when it does not broadcast to that shape.
 bool broadcast_mask(const View& m, const int64_t target[4], int64_t strides[4]) {
@@ -161,7 +165,7 @@ bool build(PyObject* const* a, AttnForwardParams& p) {
   p.q = operand(qv, dtype);
   p.k = operand(kv, dtype);
   p.v = operand(vv, dtype);
-  p.out = {reinterpret_cast<void*>(ov.ptr), dtype, ov.stride[0], ov.stride[1], ov.stride[2]};
+  p.out = output(ov, dtype);
 
   if (scale == Py_None) {
     p.scale = float(1.0 / std::sqrt(double(D)));
@@ -250,16 +254,11 @@ PyObject* attention_forward_cpu_eager(PyObject*, PyObject* const* args, Py_ssize
   return run_without_gil([&] { attention_forward_cpu(p, int(threads < 1 ? 1 : threads)); });
 }
 
-// A gradient operand: exactly (B, H, N, D) like `like`, in the same dtype object, last dim dense.
-bool read_grad(PyObject* t, PyObject* dtype_of, const View& like, View& v) {
-  if (!read_view(t, 4, v) || !same_dtype(t, dtype_of) || !dense_last(v)) return false;
-  for (int d = 0; d < 4; ++d)
-    if (v.size[d] != like.size[d]) return false;
-  return true;
-}
-
-AttnOutput grad_output(const View& v, DType dtype) {
-  return {reinterpret_cast<void*>(v.ptr), dtype, v.stride[0], v.stride[1], v.stride[2]};
+// A gradient operand: exactly (d0, d1, d2, d3), in the dtype object of dtype_of, last dim dense.
+bool read_grad(PyObject* t, PyObject* dtype_of, int64_t d0, int64_t d1, int64_t d2, int64_t d3,
+               View& v) {
+  return read_view(t, 4, v) && same_dtype(t, dtype_of) && dense_last(v) && v.size[0] == d0 &&
+         v.size[1] == d1 && v.size[2] == d2 && v.size[3] == d3;
 }
 
 // attention_backward_cpu_eager(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, dtype_code,
@@ -275,18 +274,21 @@ PyObject* attention_backward_cpu_eager(PyObject*, PyObject* const* args, Py_ssiz
                  nargs);
     return nullptr;
   }
-  PyObject *grad_out = args[0], *grad_lse = args[1], *q = args[2], *k = args[3], *v = args[4];
+  PyObject *grad_out = args[0], *grad_lse = args[1], *q = args[2];
   // The forward's argument layout for build(): q, k, v, out, lse, dtype_code, attn_mask,
   // mask_code, key_lengths, scale, causal_offset, gqa.
-  PyObject* const fwd[12] = {q, k, v, args[5], args[6], args[10], args[11],
+  PyObject* const fwd[12] = {q, args[3], args[4], args[5], args[6], args[10], args[11],
                              args[12], args[13], args[14], args[15], args[16]};
   AttnForwardParams f;
   AttnBackwardParams p;
-  View qv, kv, vv, ov, gv, dqv, dkv, dvv;
-  bool ok = args[6] != Py_None && build(fwd, f) && read_view(q, 4, qv) && read_view(k, 4, kv) &&
-            read_view(v, 4, vv) && read_view(args[5], 4, ov) &&
-            read_grad(grad_out, q, ov, gv) && read_grad(args[7], q, qv, dqv) &&
-            read_grad(args[8], q, kv, dkv) && read_grad(args[9], q, vv, dvv);
+  View gv, dqv, dkv, dvv;
+  // build() has read and checked q, k, v and out: the gradients must match their shapes
+  bool ok = args[6] != Py_None && build(fwd, f);
+  const int64_t B = f.batch, H = f.heads, Hkv = f.kv_heads, Nq = f.q_len, Nk = f.k_len;
+  ok = ok && read_grad(grad_out, q, B, H, Nq, f.v_dim, gv) &&
+       read_grad(args[7], q, B, H, Nq, f.head_dim, dqv) &&
+       read_grad(args[8], q, B, Hkv, Nk, f.head_dim, dkv) &&
+       read_grad(args[9], q, B, Hkv, Nk, f.v_dim, dvv);
   if (ok && grad_lse != Py_None) {
     View lv;
     ok = read_view(grad_lse, 3, lv) && lv.ndim == 3 && same_dtype(grad_lse, args[6]) &&
@@ -300,12 +302,12 @@ PyObject* attention_backward_cpu_eager(PyObject*, PyObject* const* args, Py_ssiz
   }
   static_cast<AttnParams&>(p) = static_cast<const AttnParams&>(f);
   const DType dtype = f.q.dtype;
-  p.out = operand(ov, dtype);
+  p.out = {f.out.data, dtype, f.out.stride_batch, f.out.stride_head, f.out.stride_row};
   p.grad_out = operand(gv, dtype);
   p.lse = f.lse;
-  p.grad_q = grad_output(dqv, dtype);
-  p.grad_k = grad_output(dkv, dtype);
-  p.grad_v = grad_output(dvv, dtype);
+  p.grad_q = output(dqv, dtype);
+  p.grad_k = output(dkv, dtype);
+  p.grad_v = output(dvv, dtype);
   const long threads = PyLong_AsLong(args[17]);
   if (PyErr_Occurred()) return nullptr;
   return run_without_gil([&] { attention_backward_cpu(p, int(threads < 1 ? 1 : threads)); });
