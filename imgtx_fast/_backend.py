@@ -2,6 +2,8 @@
 import contextlib
 import threading
 
+from . import _C
+
 _BACKENDS = ("fast", "reference")
 _state = threading.local()  # .backend: this thread's `backend()` block, .frames: its open blocks
 _default = "fast"
@@ -21,6 +23,14 @@ def fast_everywhere() -> bool:
     return _default == "fast" and not _reference_blocks
 
 
+def _publish() -> None:
+    """Hands fast_everywhere() to the compiled core, whose one-call entry points read it. Called
+    after every change of _default or _reference_blocks; under the lock, so that the value
+    written last was read last."""
+    with _blocks_lock:
+        _C.set_fast_everywhere(fast_everywhere())
+
+
 def _check(name) -> None:
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
@@ -34,6 +44,7 @@ def set_backend(name: str) -> None:
     global _default
     _check(name)
     _default = name
+    _publish()
     if hasattr(_state, "backend"):
         del _state.backend
     for frame in getattr(_state, "frames", ()):
@@ -68,15 +79,18 @@ def backend(name: str):
     if name == "reference":
         with _blocks_lock:
             _reference_blocks += 1
+        _publish()
     try:
         yield
     finally:
         if name == "reference":
             with _blocks_lock:
                 _reference_blocks -= 1
+            _publish()
         frames.remove(frame)  # by identity (_Frame has no __eq__)
         if frame.set_default:
             _default = frame.default
+            _publish()
         if frame.backend is not None:
             _state.backend = frame.backend
         elif hasattr(_state, "backend"):

@@ -1,5 +1,5 @@
 """The one-call CPU forward (ops.fused_attention.eager_forward over
-_C.attention_forward_cpu_eager): plain eager CPU calls of imgtx_fast.attention, attention_op and
+_C.attention_forward_cpu_call): plain eager CPU calls of imgtx_fast.attention, attention_op and
 the SDPA drop-in take it. It must give bitwise the general path's result, decline (never raise,
 never write) every call the general path must decide, and be the path such calls actually take.
 """
@@ -15,6 +15,7 @@ import imgtx_fast
 import imgtx_fast.nn.functional as nnf
 import imgtx_fast.ops.fused_attention as fa
 from imgtx_fast import _C, attention
+from imgtx_fast.ops import _launch
 from imgtx_fast.ops.fused_attention import _NO_CAUSAL, attention_op
 from imgtx_fast.testing import emulated_cuda, emulator_available
 
@@ -24,19 +25,20 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class Counting:
-    """Stands in for the module's _C: counts the one-call entry point's calls and results."""
+    """Stands in for the module's _C: counts the one-call entry point's calls and whether each
+    ran the kernel (True) or declined (False)."""
 
     def __init__(self):
         self.results = []
 
     def __getattr__(self, name):
         attr = getattr(_C, name)
-        if name != "attention_forward_cpu_eager":
+        if name != "attention_forward_cpu_call":
             return attr
 
         def counted(*args):
             r = attr(*args)
-            self.results.append(r)
+            self.results.append(r is not None)
             return r
         return counted
 
@@ -202,20 +204,77 @@ def test_declined_calls_take_the_general_path(name, monkeypatch, counting):
     assert True not in counting.results
 
 
-def test_a_declined_call_writes_nothing():
+def call_entry(q, k, v, key_lengths=None, attn_mask=None, scale=None, causal_offset=_NO_CAUSAL,
+               align_end=False, gqa=True, contiguous=False, want_lse=True):
+    return _C.attention_forward_cpu_call(q, k, v, causal_offset, align_end, key_lengths, attn_mask,
+                                         scale, gqa, contiguous, want_lse)
+
+
+def test_a_declined_call_allocates_nothing_and_junk_is_declined():
     q, k, v = (torch.randn(1, 2, 3, 4) for _ in range(3))
-    out = torch.full((1, 2, 3, 4), 7.0)
-    lse = torch.full((1, 2, 3), 7.0)
     bad = torch.tensor([9])  # key_lengths beyond Nk
-    assert _C.attention_forward_cpu_eager(q, k, v, out, lse, 0, None, -1, bad, None, _NO_CAUSAL,
-                                          True, 1) is False
-    assert (out == 7).all() and (lse == 7).all()
-    # non-tensor arguments are declined too, never a crash
-    for junk in (None, 3, "q", object()):
-        assert _C.attention_forward_cpu_eager(junk, k, v, out, None, 0, None, -1, None, None,
-                                              _NO_CAUSAL, True, 1) is False
-    with pytest.raises(TypeError, match="13 arguments"):
-        _C.attention_forward_cpu_eager(q, k, v)
+
+    class NoEmpty:
+        """Stands in for torch.empty_strided: the entry point must not allocate for a call it
+        declines."""
+        def __call__(self, *a, **kw):
+            raise AssertionError("allocated for a declined call")
+    try:
+        torch_empty = torch.empty_strided
+        hooks = _launch_hooks(empty_strided=NoEmpty())
+        _C.set_torch_hooks(*hooks)
+        assert call_entry(q, k, v, key_lengths=bad) is None
+        assert call_entry(q, k, v, attn_mask=torch.ones(5, 5, dtype=torch.bool)) is None
+        assert call_entry(q, k, v, scale=float("nan")) is None
+        # non-tensor arguments and flags are declined too, never a crash
+        for junk in (3, "q", object()):
+            assert call_entry(junk, k, v) is None
+            assert call_entry(q, k, v, attn_mask=junk) is None
+            assert call_entry(q, k, v, key_lengths=junk) is None
+        for junk in ("q", object(), 2.5, None):
+            assert call_entry(q, k, v, causal_offset=junk) is None
+        assert call_entry(None, k, v) is None
+    finally:
+        _launch.install_torch_hooks()
+    assert torch.empty_strided is torch_empty
+    with pytest.raises(TypeError, match="11 arguments"):
+        _C.attention_forward_cpu_call(q, k, v)
+
+
+def _launch_hooks(**replace):
+    """set_torch_hooks' arguments as _launch installs them, some replaced."""
+    names = ("tensor_type", "is_tracing", "peek_interpreter_stack", "dispatch_stack_len",
+             "is_grad_enabled", "any_autocast_enabled", "emulator", "get_num_threads",
+             "empty_strided", "float_dtypes", "bool_dtype", "int64_dtype")
+    values = (torch.Tensor, _launch._is_tracing, _launch._peek_interpreter_stack,
+              _launch._dispatch_stack_len, _launch._is_grad_enabled, _launch.any_autocast_enabled,
+              _launch.EMULATOR, torch.get_num_threads, torch.empty_strided,
+              (torch.float32, torch.float16, torch.bfloat16), torch.bool, torch.int64)
+    hooks = dict(zip(names, values))
+    assert set(replace) <= set(names)
+    hooks.update(replace)
+    return tuple(hooks[n] for n in names)
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+@pytest.mark.parametrize("want_lse", [False, True])
+def test_the_entry_allocates_the_output_as_asked(contiguous, want_lse):
+    """out (B, H, Nq, Dv) contiguous, or over (B, Nq, H, Dv) memory; lse (B, H, Nq) float32 or
+    None; align_end adds Nk - Nq to the causal offset; the thread count is torch's."""
+    gen = gen_for("entry alloc", contiguous, want_lse)
+    q, k, v = make_qkv(2, 4, 2, 5, 9, 16, 8, dtype=torch.bfloat16, gen=gen)
+    out, lse = call_entry(q, k, v, causal_offset=0, align_end=True, contiguous=contiguous,
+                          want_lse=want_lse)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 4, 5, 8)
+    want_strides = (160, 40, 8, 1) if contiguous else (160, 8, 32, 1)
+    assert out.stride() == want_strides
+    assert (lse is None) == (not want_lse)
+    if want_lse:
+        assert lse.dtype == torch.float32 and lse.shape == (2, 4, 5) and lse.is_contiguous()
+    want, want_lse_ = attention(q, k, v, causal=True, return_lse=True)
+    assert torch.equal(out, want)
+    if want_lse:
+        assert torch.equal(lse, want_lse_)
 
 
 def test_the_backward_entry_takes_plain_calls_and_declines_the_rest(monkeypatch):
@@ -284,7 +343,9 @@ def test_what_the_dispatcher_must_see_never_takes_the_one_call_path(name, run, c
         q, k, v = (torch.randn(1, 2, 3, 4, requires_grad=requires_grad) for _ in range(3))
         return attention(q, k, v)
     run(f)
-    assert counting.results == []
+    assert True not in counting.results
+    f()
+    assert counting.results[-1] is True  # and outside the gate, the same call takes it
 
 
 def test_a_reference_block_in_another_thread_sends_calls_to_the_general_path(counting):
@@ -303,13 +364,13 @@ def test_a_reference_block_in_another_thread_sends_calls_to_the_general_path(cou
     try:
         q, k, v = (torch.randn(1, 2, 3, 4) for _ in range(3))
         got = attention(q, k, v)
-        assert counting.results == []
+        assert True not in counting.results
         torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v))
     finally:
         leave.set()
         t.join()
     attention(q, k, v)
-    assert counting.results == [True]
+    assert counting.results[-1] is True
 
 
 def test_threads_share_the_entry_point():

@@ -1,31 +1,28 @@
-// attention_forward_cpu_eager: the whole forward call of a CPU attention in one C function.
+// attention_forward_cpu_call: the whole forward call of a CPU attention in one C function.
 //
 // Why: a small attention call (a few hundred tokens, or one decode step) costs a few
 // microseconds of kernel time, and torch's SDPA spends ~4 us per call in total. Going through
 // pybind11's overload resolution with nested tuples, and reading every size and stride in
-// Python first, cost ~19 us. This entry point is a METH_FASTCALL function: it takes the tensor
-// objects themselves and reads what it needs through their Python methods (`shape`, `stride()`,
-// `data_ptr()`, `dtype`: duck typing, no torch headers, no libtorch), checks everything the
-// kernel needs, then runs attention_forward_cpu without the GIL.
+// Python first, cost ~19 us; the per-call checks and the output's allocation in Python cost
+// ~9 us more, and ~30 us right after a model's torch ops, when the interpreter's caches are
+// cold. This entry point is a METH_FASTCALL function: it asks torch's state (torch_state.h),
+// takes the tensor objects themselves and reads what it needs through their Python methods
+// (`shape`, `stride()`, `data_ptr()`, `dtype`: duck typing, no torch headers, no libtorch),
+// checks everything the kernel needs, allocates the output through torch.empty_strided, then
+// runs attention_forward_cpu without the GIL.
 //
-// It never raises for a call it cannot take: it returns False and leaves the error messages to
+// It never raises for a call it cannot take: it returns None and leaves the error messages to
 // the Python layer's general path (ops/fused_attention.py), which is the only place they are
-// written. It returns True once `out` (and `lse`, when given) hold the result.
+// written. The operands it takes:
 //
-//   attention_forward_cpu_eager(q, k, v, out, lse, dtype_code, attn_mask, mask_code,
-//                               key_lengths, scale, causal_offset, gqa, num_threads) -> bool
-//
-//   q, k, v      (B, H, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv), one float dtype (dtype_code:
-//                0 float32, 1 float16, 2 bfloat16), the last dim contiguous.
-//   out          (B, H, Nq, Dv) in q's dtype, any strides with the last dim contiguous.
-//   lse          None, or (B, H, Nq) contiguous float32.
-//   attn_mask    None, or a 2-4-D tensor broadcastable to (B, H, Nq, Nk); mask_code 0-2 an
-//                additive mask of that float dtype, 3 a bool mask (True = visible).
+//   q, k, v      (B, H, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv), one float dtype (float32,
+//                float16 or bfloat16), the last dim contiguous.
+//   attn_mask    None, or a 2-4-D bool (True = visible) or additive float tensor broadcastable
+//                to (B, H, Nq, Nk).
 //   key_lengths  None, or (B,) contiguous int64 with values in [0, Nk].
 //   scale        None (1 / sqrt(D)) or a Python float/int.
-//   causal_offset ATTN_NO_CAUSAL, or query i sees keys j <= i + causal_offset.
 //   gqa          False: Hkv must equal H or be 1 (torch SDPA without enable_gqa).
-//   num_threads  the threads the kernel may use.
+// The backward's entry (attention_backward_cpu_eager) reads the same operands the same way.
 #include <Python.h>
 
 #include <cmath>
@@ -33,6 +30,7 @@
 #include <exception>
 
 #include "bindings/bindings.h"
+#include "bindings/torch_state.h"
 #include "imgtx/attention.h"
 
 namespace imgtx {
@@ -133,40 +131,42 @@ bool broadcast_mask(const View& m, const int64_t target[4], int64_t strides[4]) 
   return true;
 }
 
-// Fills p from the call's objects; false when the call is not one this entry point takes.
-bool build(PyObject* const* a, AttnForwardParams& p) {
-  PyObject *q = a[0], *k = a[1], *v = a[2], *out = a[3], *lse = a[4], *mask = a[6],
-           *key_lengths = a[8], *scale = a[9];
-  const long code = PyLong_AsLong(a[5]);
-  const long mask_code = PyLong_AsLong(a[7]);
-  const int64_t causal_offset = PyLong_AsLongLong(a[10]);
-  const int gqa = PyObject_IsTrue(a[11]);
-  if (PyErr_Occurred() || code < 0 || code > 2 || gqa < 0) return false;
-  View qv, kv, vv, ov;
-  if (!read_view(q, 4, qv) || !read_view(k, 4, kv) || !read_view(v, 4, vv) ||
-      !read_view(out, 4, ov))  // exactly 4-D: read_view takes min_ndim..4 dims
-    return false;
-  if (!same_dtype(q, k) || !same_dtype(q, v) || !same_dtype(q, out)) return false;
+// What build_inputs reads from a call besides q, k and v.
+struct CallArgs {
+  PyObject *mask, *key_lengths, *scale;
+  long code, mask_code;   // the inputs' DType code; the mask's (0-2 additive, kMaskBool)
+  int64_t causal_offset;  // kAttnNoCausal, or the kernels' offset (align_end: added Nk - Nq)
+  bool align_end, gqa;
+};
+
+// Fills p from q, k, v and c: everything but the output and lse, checked as the kernels need it
+// (validate() included). False when the call is not one this entry point takes.
+bool build_inputs(PyObject* q, PyObject* k, PyObject* v, const CallArgs& c,
+                  AttnForwardParams& p) {
+  if (c.code < 0 || c.code > 2) return false;
+  View qv, kv, vv;
+  if (!read_view(q, 4, qv) || !read_view(k, 4, kv) || !read_view(v, 4, vv))
+    return false;  // exactly 4-D: read_view takes min_ndim..4 dims
+  if (!same_dtype(q, k) || !same_dtype(q, v)) return false;
   const int64_t B = qv.size[0], H = qv.size[1], Nq = qv.size[2], D = qv.size[3];
   const int64_t Hkv = kv.size[1], Nk = kv.size[2], Dv = vv.size[3];
   if (kv.size[0] != B || vv.size[0] != B || vv.size[1] != Hkv || vv.size[2] != Nk ||
       kv.size[3] != D)
     return false;
-  if (Hkv <= 0 || H % Hkv != 0 || (!gqa && Hkv != H && Hkv != 1)) return false;
+  if (Hkv <= 0 || H % Hkv != 0 || (!c.gqa && Hkv != H && Hkv != 1)) return false;
   if (B * H * Nq == 0 || Nk == 0 || D < 1 || D > kAttnMaxHeadDim || Dv < 1 ||
       Dv > kAttnMaxHeadDim)
     return false;  // empty calls and wide heads: the general path
-  if (ov.size[0] != B || ov.size[1] != H || ov.size[2] != Nq || ov.size[3] != Dv) return false;
-  if (!dense_last(qv) || !dense_last(kv) || !dense_last(vv) || !dense_last(ov)) return false;
+  if (!dense_last(qv) || !dense_last(kv) || !dense_last(vv)) return false;
 
   p.batch = B, p.heads = H, p.kv_heads = Hkv, p.q_len = Nq, p.k_len = Nk;
   p.head_dim = D, p.v_dim = Dv;
-  const DType dtype = DType(code);
+  const DType dtype = DType(c.code);
   p.q = operand(qv, dtype);
   p.k = operand(kv, dtype);
   p.v = operand(vv, dtype);
-  p.out = output(ov, dtype);
 
+  PyObject* scale = c.scale;
   if (scale == Py_None) {
     p.scale = float(1.0 / std::sqrt(double(D)));
   } else if (PyFloat_CheckExact(scale) || PyLong_CheckExact(scale)) {
@@ -176,31 +176,24 @@ bool build(PyObject* const* a, AttnForwardParams& p) {
   } else {
     return false;
   }
-  p.causal = causal_offset != kAttnNoCausal;
-  p.causal_offset = p.causal ? causal_offset : 0;
+  p.causal = c.causal_offset != kAttnNoCausal;
+  p.causal_offset = p.causal ? c.causal_offset + (c.align_end ? Nk - Nq : 0) : 0;
 
-  if (lse != Py_None) {
-    View lv;
-    if (!read_view(lse, 3, lv) || lv.ndim != 3 || lv.size[0] != B || lv.size[1] != H ||
-        lv.size[2] != Nq || lv.stride[2] != 1 || lv.stride[1] != Nq || lv.stride[0] != H * Nq)
-      return false;
-    p.lse = reinterpret_cast<float*>(lv.ptr);
-  }
-  if (mask != Py_None) {
+  if (c.mask != Py_None) {
     View mv;
-    if (mask_code < 0 || mask_code > kMaskBool || !read_view(mask, 2, mv)) return false;
+    if (c.mask_code < 0 || c.mask_code > kMaskBool || !read_view(c.mask, 2, mv)) return false;
     const int64_t target[4] = {B, H, Nq, Nk};
     int64_t s[4];
     if (!broadcast_mask(mv, target, s)) return false;
     p.mask.data = reinterpret_cast<const void*>(mv.ptr);
-    p.mask.kind = mask_code == kMaskBool ? AttnMaskKind::kBool : AttnMaskKind::kAdditive;
-    p.mask.dtype = mask_code == kMaskBool ? DType::kFloat32 : DType(mask_code);
+    p.mask.kind = c.mask_code == kMaskBool ? AttnMaskKind::kBool : AttnMaskKind::kAdditive;
+    p.mask.dtype = c.mask_code == kMaskBool ? DType::kFloat32 : DType(c.mask_code);
     p.mask.stride_batch = s[0], p.mask.stride_head = s[1];
     p.mask.stride_q = s[2], p.mask.stride_k = s[3];
   }
-  if (key_lengths != Py_None) {
+  if (c.key_lengths != Py_None) {
     View kl;
-    if (!read_view(key_lengths, 1, kl) || kl.ndim != 1 || kl.size[0] != B ||
+    if (!read_view(c.key_lengths, 1, kl) || kl.ndim != 1 || kl.size[0] != B ||
         (kl.stride[0] != 1 && B != 1))
       return false;
     p.key_lengths = reinterpret_cast<const int64_t*>(kl.ptr);
@@ -211,6 +204,35 @@ bool build(PyObject* const* a, AttnForwardParams& p) {
     return false;
   }
   return true;
+}
+
+// p.out from `out`: exactly (B, H, Nq, Dv) in q's dtype object, the last dim dense.
+bool attach_out(PyObject* out, PyObject* q, AttnForwardParams& p) {
+  View ov;
+  if (!read_view(out, 4, ov) || !same_dtype(q, out) || !dense_last(ov)) return false;
+  if (ov.size[0] != p.batch || ov.size[1] != p.heads || ov.size[2] != p.q_len ||
+      ov.size[3] != p.v_dim)
+    return false;
+  p.out = output(ov, p.q.dtype);
+  return true;
+}
+
+// p.lse from `lse`: exactly (B, H, Nq), contiguous (its dtype is the caller's to check).
+bool attach_lse(PyObject* lse, AttnForwardParams& p) {
+  View lv;
+  if (!read_view(lse, 3, lv) || lv.ndim != 3 || lv.size[0] != p.batch || lv.size[1] != p.heads ||
+      lv.size[2] != p.q_len || lv.stride[2] != 1 || lv.stride[1] != p.q_len ||
+      lv.stride[0] != p.heads * p.q_len)
+    return false;
+  p.lse = reinterpret_cast<float*>(lv.ptr);
+  return true;
+}
+
+// The DType code of the mask's dtype object (0-2 additive, kMaskBool), -1 when unsupported.
+int mask_dtype_code(PyObject* mask) {
+  Owned dtype(PyObject_GetAttr(mask, g_dtype));
+  if (!dtype.p) return -1;
+  return is_bool_dtype(dtype.p) ? kMaskBool : float_dtype_code(dtype.p);
 }
 
 // Runs the kernel call without the GIL: True, or NULL with its C++ exception as a Python error.
@@ -239,19 +261,72 @@ PyObject* run_without_gil(Call&& call) {
   Py_RETURN_TRUE;
 }
 
-PyObject* attention_forward_cpu_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 13) {
-    PyErr_Format(PyExc_TypeError, "attention_forward_cpu_eager takes 13 arguments, got %zd", nargs);
+// attention_forward_cpu_call(q, k, v, causal_offset, align_end, key_lengths, attn_mask, scale,
+//                            gqa, contiguous, want_lse) -> (out, lse or None), or None
+// The whole eager forward of a plain CPU call: the torch state checks (torch_state.h), the
+// operands', the output's allocation (torch.empty_strided) and the kernel. None: the call must
+// take the general path (which reports any error); nothing was allocated or run.
+//   causal_offset  kAttnNoCausal, or the kernels' offset; align_end adds Nk - Nq (bottom-right).
+//   contiguous     out laid out (B, H, Nq, Dv), as torch's SDPA returns it; else (B, Nq, H, Dv)
+//                  memory, what the output projection reads.
+//   want_lse       also return lse, (B, H, Nq) float32.
+PyObject* attention_forward_cpu_call(PyObject*, PyObject* const* a, Py_ssize_t nargs) {
+  if (nargs != 11) {
+    PyErr_Format(PyExc_TypeError, "attention_forward_cpu_call takes 11 arguments, got %zd", nargs);
     return nullptr;
   }
-  AttnForwardParams p;
-  if (!build(args, p)) {
-    PyErr_Clear();  // whatever a method lookup left: the general path reports errors
-    Py_RETURN_FALSE;
+  PyObject *q = a[0], *k = a[1], *v = a[2], *key_lengths = a[5], *mask = a[6];
+  if (q == Py_None || k == Py_None || v == Py_None) Py_RETURN_NONE;
+  PyObject* const tensors[5] = {q, k, v, key_lengths, mask};
+  int ok = eager_tensors_ok(tensors, 5, false);
+  if (ok > 0) ok = eager_kernels_ok();
+  if (ok < 0) return nullptr;
+  if (ok == 0) Py_RETURN_NONE;
+
+  CallArgs c{mask, key_lengths, a[7], -1, -1, PyLong_AsLongLong(a[3]), false, false};
+  const int align_end = PyObject_IsTrue(a[4]), gqa = PyObject_IsTrue(a[8]);
+  const int contiguous = PyObject_IsTrue(a[9]), want_lse = PyObject_IsTrue(a[10]);
+  if (PyErr_Occurred() || align_end < 0 || gqa < 0 || contiguous < 0 || want_lse < 0) {
+    PyErr_Clear();
+    Py_RETURN_NONE;
   }
-  const long threads = PyLong_AsLong(args[12]);
-  if (PyErr_Occurred()) return nullptr;
-  return run_without_gil([&] { attention_forward_cpu(p, int(threads < 1 ? 1 : threads)); });
+  c.align_end = align_end != 0, c.gqa = gqa != 0;
+  Owned dtype(PyObject_GetAttr(q, g_dtype));
+  if (!dtype.p) return nullptr;  // a torch.Tensor without dtype: not a call to decline
+  c.code = float_dtype_code(dtype.p);
+  c.mask_code = mask == Py_None ? -1 : mask_dtype_code(mask);
+  if (c.code < 0 || (mask != Py_None && c.mask_code < 0)) Py_RETURN_NONE;
+  if (key_lengths != Py_None) {
+    Owned kl_dtype(PyObject_GetAttr(key_lengths, g_dtype));
+    if (!kl_dtype.p || !is_int64_dtype(kl_dtype.p)) {
+      PyErr_Clear();
+      Py_RETURN_NONE;  // int32 key_lengths: the general path converts them
+    }
+  }
+  AttnForwardParams p;
+  if (!build_inputs(q, k, v, c, p)) {
+    PyErr_Clear();  // whatever a method lookup left: the general path reports errors
+    Py_RETURN_NONE;
+  }
+  const int threads = torch_num_threads();
+  if (threads < 0) return nullptr;
+
+  const int64_t B = p.batch, H = p.heads, Nq = p.q_len, Dv = p.v_dim;
+  const int64_t size[4] = {B, H, Nq, Dv};
+  const int64_t bhnd[4] = {H * Nq * Dv, Nq * Dv, Dv, 1}, bnhd[4] = {Nq * H * Dv, Dv, H * Dv, 1};
+  Owned out(new_torch_tensor(size, contiguous ? bhnd : bnhd, 4, dtype.p));
+  if (!out.p) return nullptr;
+  const int64_t lse_stride[3] = {H * Nq, Nq, 1};
+  Owned lse(want_lse ? new_torch_tensor(size, lse_stride, 3, float32_dtype()) : nullptr);
+  if (want_lse && !lse.p) return nullptr;
+  if (!attach_out(out.p, q, p) || (lse.p && !attach_lse(lse.p, p))) {
+    if (!PyErr_Occurred())
+      PyErr_SetString(PyExc_RuntimeError, "attention: torch.empty_strided gave an unexpected tensor");
+    return nullptr;
+  }
+  Owned done(run_without_gil([&] { attention_forward_cpu(p, threads); }));
+  if (!done.p) return nullptr;
+  return PyTuple_Pack(2, out.p, lse.p ? lse.p : Py_None);
 }
 
 // A gradient operand: exactly (d0, d1, d2, d3), in the dtype object of dtype_of, last dim dense.
@@ -275,15 +350,19 @@ PyObject* attention_backward_cpu_eager(PyObject*, PyObject* const* args, Py_ssiz
     return nullptr;
   }
   PyObject *grad_out = args[0], *grad_lse = args[1], *q = args[2];
-  // The forward's argument layout for build(): q, k, v, out, lse, dtype_code, attn_mask,
-  // mask_code, key_lengths, scale, causal_offset, gqa.
-  PyObject* const fwd[12] = {q, args[3], args[4], args[5], args[6], args[10], args[11],
-                             args[12], args[13], args[14], args[15], args[16]};
+  const CallArgs c{args[11], args[13], args[14], PyLong_AsLong(args[10]),
+                   PyLong_AsLong(args[12]), PyLong_AsLongLong(args[15]), false,
+                   PyObject_IsTrue(args[16]) == 1};
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    Py_RETURN_FALSE;
+  }
   AttnForwardParams f;
   AttnBackwardParams p;
   View gv, dqv, dkv, dvv;
-  // build() has read and checked q, k, v and out: the gradients must match their shapes
-  bool ok = args[6] != Py_None && build(fwd, f);
+  // the forward's operands, read and checked as its: the gradients must match their shapes
+  bool ok = args[6] != Py_None && build_inputs(q, args[3], args[4], c, f) &&
+            attach_out(args[5], q, f) && attach_lse(args[6], f);
   const int64_t B = f.batch, H = f.heads, Hkv = f.kv_heads, Nq = f.q_len, Nk = f.k_len;
   ok = ok && read_grad(grad_out, q, B, H, Nq, f.v_dim, gv) &&
        read_grad(args[7], q, B, H, Nq, f.head_dim, dqv) &&
@@ -314,12 +393,12 @@ PyObject* attention_backward_cpu_eager(PyObject*, PyObject* const* args, Py_ssiz
 }
 
 PyMethodDef g_eager_def = {
-    "attention_forward_cpu_eager",
-    reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&attention_forward_cpu_eager)),
+    "attention_forward_cpu_call",
+    reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&attention_forward_cpu_call)),
     METH_FASTCALL,
-    "attention_forward_cpu_eager(q, k, v, out, lse, dtype_code, attn_mask, mask_code, "
-    "key_lengths, scale, causal_offset, gqa, num_threads) -> bool: the CPU forward on the "
-    "tensors themselves; False (nothing written) for a call it does not take."};
+    "attention_forward_cpu_call(q, k, v, causal_offset, align_end, key_lengths, attn_mask, "
+    "scale, gqa, contiguous, want_lse) -> (out, lse or None), or None for a call that must take "
+    "the general path: a plain eager CPU forward in one call."};
 
 PyMethodDef g_eager_backward_def = {
     "attention_backward_cpu_eager",
@@ -340,7 +419,7 @@ void register_attention_eager(pybind11::module_& m) {
   if (!g_shape || !g_stride || !g_data_ptr || !g_dtype) throw pybind11::error_already_set();
   PyObject* fn = PyCFunction_NewEx(&g_eager_def, nullptr, m.attr("__name__").ptr());
   if (!fn) throw pybind11::error_already_set();
-  m.add_object("attention_forward_cpu_eager", pybind11::reinterpret_steal<pybind11::object>(fn));
+  m.add_object("attention_forward_cpu_call", pybind11::reinterpret_steal<pybind11::object>(fn));
   PyObject* bwd = PyCFunction_NewEx(&g_eager_backward_def, nullptr, m.attr("__name__").ptr());
   if (!bwd) throw pybind11::error_already_set();
   m.add_object("attention_backward_cpu_eager", pybind11::reinterpret_steal<pybind11::object>(bwd));

@@ -63,10 +63,7 @@ def two_level_rows(t: torch.Tensor):
 # The private torch functions behind eager_fast_path's checks, looked up once (None where a torch
 # release lacks one: every call then takes the registered op, the public path). Called directly
 # they skip the public wrappers' Python frames (torch.jit.is_tracing -> is_scripting ->
-# torch._C._is_tracing). Right after a model's torch ops the interpreter's caches are cold and
-# each extra frame or torch call costs several microseconds: with these and the single autocast
-# call below, a tiny attention call made first after an attention block's torch ops went from
-# 107-127 to 84-100 us (torch SDPA 67-82 us in the same runs); warm, 6.5-7.0 to 6.0 us.
+# torch._C._is_tracing).
 _peek_interpreter_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack",
                                   None)
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
@@ -76,6 +73,20 @@ _is_grad_enabled = torch.is_grad_enabled
 # cold). Autocast on another device sends a CPU call down the registered op too: slower, same result.
 any_autocast_enabled = (getattr(torch._C, "_is_any_autocast_enabled", None)
                         or (lambda: torch.is_autocast_enabled("cpu")))
+
+
+def install_torch_hooks() -> None:
+    """Hands the compiled core the torch objects its per-call checks call (csrc/bindings/
+    torch_state.h): the checks run in C, because right after a model's torch ops the
+    interpreter's caches are cold and every Python frame of them costs microseconds. Run at
+    import; again after replacing one of the functions above (tests do)."""
+    _C.set_torch_hooks(Tensor, _is_tracing, _peek_interpreter_stack, _dispatch_stack_len,
+                       _is_grad_enabled, any_autocast_enabled, EMULATOR, torch.get_num_threads,
+                       torch.empty_strided, (torch.float32, torch.float16, torch.bfloat16),
+                       torch.bool, torch.int64)
+
+
+install_torch_hooks()
 
 
 def eager_fast_path(*tensors, autograd: bool = False) -> bool:
@@ -88,17 +99,5 @@ def eager_fast_path(*tensors, autograd: bool = False) -> bool:
     cheaply, and where a torch release lacks one the answer is "active".
     autograd=True: the same, except that inputs requiring grad are allowed (the caller records
     the call as an autograd.Function of its own)."""
-    if (torch.compiler.is_compiling() or _is_tracing() or _peek_interpreter_stack is None
-            or _dispatch_stack_len is None or _peek_interpreter_stack() is not None
-            or _dispatch_stack_len() > 0):
-        return False
-    needs_grad = False
-    for t in tensors:
-        if t is None:
-            continue
-        # is_cpu, not device.type == "cpu": 0.05 us against 0.5 us a tensor
-        if type(t) is not Tensor or not t.is_cpu:
-            return False
-        needs_grad = needs_grad or t.requires_grad
-    # grad mode matters only when an input requires grad (autograd then records the call)
-    return autograd or not (needs_grad and _is_grad_enabled())
+    # is_compiling in Python: dynamo folds it, so a compiled graph never reaches the C call
+    return not torch.compiler.is_compiling() and _C.eager_fast_path(autograd, *tensors)

@@ -20,13 +20,11 @@ from .._backend import get_backend
 from .._dtypes import FLOAT_CODES, float_code
 # The kernels' argument encoding (pattern list, attn_mask argument) and the shape checks are the
 # torch-free front end's; `_NO_CAUSAL` is the causal_offset meaning "not causal".
-from .._frontend.attention import (_DENSE, _MAX_HEAD_DIM, _NO_CAUSAL, _OP, NO_MASK, check_shapes,
+from .._frontend.attention import (_DENSE, _NO_CAUSAL, _OP, NO_MASK, check_shapes,
                                    kernel_causal_offset, mask_arg, pattern_args, pattern_from_args)
 from .._frontend.common import check_int, check_real
-from ..patterns import MAX_FIELD
 from ..reference import attention as _reference
-from .._backend import fast_everywhere
-from ._launch import (EMULATOR, any_autocast_enabled, cuda_module, cuda_stream, device_guard,
+from ._launch import (EMULATOR, cuda_module, cuda_stream, device_guard,
                       eager_fast_path, num_threads)
 
 
@@ -325,6 +323,11 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (pattern, causal_offset, scale)
 
 
+# attn_mask dtype codes of the backward's one-call entry point: an additive mask's float code, 3
+# for bool
+_EAGER_MASK_CODES = {**FLOAT_CODES, torch.bool: 3}
+
+
 def _eager_backward(grad_out, grad_lse, q, k, v, out, lse, key_lengths, attn_mask, pattern,
                     causal_offset, scale):
     """The backward of a plain eager CPU call: one compiled call
@@ -456,51 +459,24 @@ for _op in (torch.ops.imgtx.attention_forward.default, torch.ops.imgtx.attention
         _register_autocast(_op, _device_type)
 
 
-# attn_mask dtype codes of the one-call entry point: an additive mask's float code, 3 for bool
-_EAGER_MASK_CODES = {**FLOAT_CODES, torch.bool: 3}
-
-
 def eager_forward(q, k, v, causal_offset: int, align_end: bool, key_lengths, attn_mask, scale,
                   gqa: bool, contiguous: bool, want_lse: bool):
-    """The forward of a plain eager CPU call in one compiled call (_C.attention_forward_cpu_eager,
-    which reads the tensors' sizes and strides itself): (out, lse or None), or None when the call
-    takes the general path: autograd, torch.compile, tracing, a functorch transform or dispatch
-    mode, autocast, the reference backend, the emulator, other devices or dtypes, int32
-    key_lengths, or anything the kernels would reject (the general path then says why).
+    """The forward of a plain eager CPU call in one compiled call (_C.attention_forward_cpu_call,
+    which makes the per-call checks, reads the tensors' sizes and strides, allocates the output
+    and runs the kernel): (out, lse or None), or None when the call takes the general path:
+    autograd, torch.compile, tracing, a functorch transform or dispatch mode, autocast, the
+    reference backend, the emulator, other devices or dtypes, int32 key_lengths, or anything
+    the kernels would reject (the general path then says why).
 
     causal_offset: the kernels' (_NO_CAUSAL: not causal); align_end adds Nk - Nq (bottom-right).
     gqa: False allows only Hkv == H or 1 (torch SDPA without enable_gqa). contiguous: out laid out
     (B, H, Nq, Dv) as torch's SDPA returns it; else (B, Nq, H, Dv) memory, what the output
     projection reads."""
-    # eager_fast_path first: under torch.compile it answers before anything dynamo cannot trace
-    if (q is None or k is None or v is None  # (it lets None through)
-            or not eager_fast_path(q, k, v, key_lengths, attn_mask) or not fast_everywhere()
-            or EMULATOR.get() is not None or any_autocast_enabled()):
+    # in Python: under torch.compile dynamo folds it, so the graph never meets the C call
+    if torch.compiler.is_compiling():
         return None
-    code = FLOAT_CODES.get(q.dtype)
-    if code is None or (key_lengths is not None and key_lengths.dtype is not torch.int64):
-        return None
-    mask_code = -1 if attn_mask is None else _EAGER_MASK_CODES.get(attn_mask.dtype)
-    if mask_code is None:
-        return None
-    qs, vs = q.shape, v.shape
-    if len(qs) != 4 or len(vs) != 4:
-        return None
-    B, H, Nq, _ = qs
-    Dv = vs[3]
-    if Nq > MAX_FIELD or not 1 <= Dv <= _MAX_HEAD_DIM:  # never allocate for a call C declines
-        return None
-    if align_end:
-        causal_offset = vs[2] - Nq
-    if contiguous:
-        out = torch.empty((B, H, Nq, Dv), dtype=q.dtype)
-    else:
-        out = torch.empty_strided((B, H, Nq, Dv), (Nq * H * Dv, Dv, H * Dv, 1), dtype=q.dtype)
-    lse = torch.empty((B, H, Nq), dtype=torch.float32) if want_lse else None
-    if _C.attention_forward_cpu_eager(q, k, v, out, lse, code, attn_mask, mask_code, key_lengths,
-                                      scale, causal_offset, gqa, num_threads()):
-        return out, lse
-    return None
+    return _C.attention_forward_cpu_call(q, k, v, causal_offset, align_end, key_lengths, attn_mask,
+                                         scale, gqa, contiguous, want_lse)
 
 
 def _on_meta(t) -> bool:
