@@ -335,6 +335,23 @@ def test_kv_decode_large_logits(mag, cpu_isa):
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
+@pytest.mark.parametrize("B,H,Hkv", [(2, 4, 4), (1, 2, 2), (2, 4, 2)])
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("Nk", [16, 37, 256, 300, 1029])
+def test_kv_decode_rescales(B, H, Hkv, D, Nk, cpu_isa):
+    """The decode loop keeps a reference max per row and rescales the running output and sum
+    only when a score rises past it by a margin. Logits rising along the cache move it many
+    times mid-block. One query row per kv head, no mask and fp32 rows in place take the single
+    loop (full 16-key chunks; the rest chunk by chunk; 1029 keys on (1, 2) heads is also split
+    across threads); a group of heads per kv head takes the chunk-by-chunk path throughout."""
+    q, k, v, _ = qkv(B, H, Hkv, Nq=1, Nk=Nk, D=D, key=("decode rescale", B, Hkv, D, Nk))
+    ramp = torch.linspace(0, 6, Nk).view(1, 1, Nk, 1)
+    rising = k + q[:, :: H // Hkv] * ramp  # logits up to ~6 sqrt(D)
+    for keys in (k, rising):
+        run_forward(q, keys, v, causal=True)
+        run_forward(q, keys, v, api="op", causal_offset=max(0, Nk - 22))
+
+
 # ---- patterns with the other options ------------------------------------------------------------
 PATTERNS = {
     "local1d": Local1d(8),

@@ -127,10 +127,21 @@ inline void dot_rows(const float* q, Rows k, int64_t count, int64_t dp_rt, const
     typedef simd::Vec<16>::I I;
     for (; t + 16 <= count; t += 16) {
       F acc[16];
-      for (int i = 0; i < 16; ++i) acc[i] = simd::load<16>(q) * simd::load<16>(k[t + i]);
-      for (int64_t d = 16; d < dp; d += 16) {
-        const F qd = simd::load<16>(q + d);
-        for (int i = 0; i < 16; ++i) acc[i] += qd * simd::load<16>(k[t + i] + d);
+      if constexpr (NQ > 0) {
+        F qv[NQ];
+        for (int d = 0; d < NQ; ++d) qv[d] = simd::load<16>(q + d * 16);
+        for (int i = 0; i < 16; ++i) {
+          const float* row = k[t + i];
+          F a = qv[0] * simd::load<16>(row);
+          for (int d = 1; d < NQ; ++d) a += qv[d] * simd::load<16>(row + d * 16);
+          acc[i] = a;
+        }
+      } else {
+        for (int i = 0; i < 16; ++i) acc[i] = simd::load<16>(q) * simd::load<16>(k[t + i]);
+        for (int64_t d = 16; d < dp; d += 16) {
+          const F qd = simd::load<16>(q + d);
+          for (int i = 0; i < 16; ++i) acc[i] += qd * simd::load<16>(k[t + i] + d);
+        }
       }
       I kp;
       std::memcpy(&kp, kpos + t, sizeof(kp));
@@ -160,42 +171,79 @@ inline float hmax_lanes(typename simd::Vec<W>::F v) {
   }
 }
 
-// One online-softmax step of a query row over `count` new scores s (overwritten by their
-// exponentials P): pr = (m, l, ...) moves to the new running max and l gains sum(P). Returns the
-// factor the running output must be scaled by (accumulate_rows applies it in registers).
+// Whether a lane of v (never NaN) is above limit: one compare into a mask register on AVX-512.
 template <int W>
-inline float softmax_step(float* s, int64_t count, float* pr) {
+inline bool any_above(typename simd::Vec<W>::F v, float limit) {
+#if defined(__AVX512F__)
+  if constexpr (W == 16)
+    return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), _mm512_set1_ps(limit), _CMP_GT_OQ) != 0;
+#endif
+  return hmax_lanes<W>(v) > limit;
+}
+
+// How far (natural log) a score may rise above a row's reference max before the running sum
+// and output are rescaled to a new one: below it, exp(s - m) <= e^8 ~ 2981, far from overflow.
+constexpr float kRescaleMargin = 8.0f;
+
+// One online-softmax step of a query row over `count` new scores s (overwritten by their
+// exponentials P). pr = (m, ...): m is the row's reference max; `lanes` (W floats) holds the
+// sum of the P in lane-wise parts (the tail keys' in lane 0), folded into l at the end
+// (fold_lane_sums). Returns the factor the running output must be scaled by (accumulate_rows
+// applies it in registers).
+//
+// Lazy rescaling: m moves only when a score exceeds it by kRescaleMargin, so a chunk usually
+// takes one compare, the exponentials and a lane-wise add. The exact max of every chunk (a
+// horizontal max, then a horizontal sum for l) was a chain of dependent shuffles per 16 keys
+// that the next chunk's loads waited behind: a fifth of the decode loop from the L2. Any m
+// gives the same softmax (P and l scale together); the merge and lse use the m kept here.
+template <int W>
+inline float softmax_step(float* s, int64_t count, float* pr, float* lanes) {
   typedef typename simd::Vec<W>::F F;
   const float ninf = -std::numeric_limits<float>::infinity();
+  const float m = pr[0];
   int64_t t = 0;
-  F mv = simd::splat<W>(pr[0]);  // never NaN: NaN scores never become the max (they still
+  F mv = simd::splat<W>(ninf);  // never NaN: NaN scores never become the max (they still
   for (; t + W <= count; t += W) {  // reach l and O)
     const F x = simd::load<W>(s + t);
     mv = x > mv ? x : mv;
   }
-  float mx = hmax_lanes<W>(mv);
-  for (; t < count; ++t) mx = s[t] > mx ? s[t] : mx;
-  const float use = mx == ninf ? 0.0f : mx;
-  const float alpha = pr[0] == use ? 1.0f : std::exp(pr[0] - use);
+  float tail_max = ninf;
+  for (; t < count; ++t) tail_max = s[t] > tail_max ? s[t] : tail_max;
+  const float limit = m + kRescaleMargin;  // -inf while the row has seen no key
+  float alpha = 1.0f, ref = m;
+  if (tail_max > limit || (count >= W && any_above<W>(mv, limit))) {
+    const float cmax = count >= W ? hmax_lanes<W>(mv) : ninf;
+    ref = cmax > tail_max ? cmax : tail_max;  // > m: the new reference
+    alpha = std::exp(m - ref);                // 0 when m = -inf (l and O are 0 then)
+    pr[0] = ref;
+    simd::store<W>(lanes, simd::load<W>(lanes) * simd::broadcast<W>(alpha));
+  }
+  const float use = ref == ninf ? 0.0f : ref;  // every score -inf so far: P = 0
   t = 0;
-  F sum{};
+  F sum = simd::load<W>(lanes);
   for (; t + W <= count; t += W) {
     const F e = simd::exp<W>(simd::load<W>(s + t) - use);
     simd::store<W>(s + t, e);
     sum += e;
   }
+  simd::store<W>(lanes, sum);
   float tail = 0.0f;
   for (; t < count; ++t) {
     s[t] = s[t] == ninf ? 0.0f : std::exp(s[t] - use);
     tail += s[t];
   }
-  pr[0] = mx;
-  pr[1] = pr[1] * alpha + hsum_lanes<W>(sum) + tail;
+  lanes[0] += tail;
   return alpha;
 }
 
+// l = the sum of the lane-wise parts softmax_step kept: once per row and task.
+template <int W>
+inline void fold_lane_sums(float* pr, const float* lanes) {
+  pr[1] = hsum_lanes<W>(simd::load<W>(lanes));
+}
+
 // The query rows one task serves (one kv head's group x the tile's new tokens) and their
-// running (m, l, o[dvp]), part_ld floats a row.
+// running (m, l, o[dvp], the lane-wise sums of l[W]), part_ld floats a row.
 struct DecodeRows {
   int64_t b = 0, count = 0, dp = 0, dvp = 0, part_ld = 0;
   const float* q = nullptr;  // count x dp, scaled
@@ -215,7 +263,7 @@ void decode_chunk(const AttnMask& mask, const DecodeRows& r, const KeyBlock& blk
     if (mask.kind != AttnMaskKind::kNone)
       apply_mask_row(mask, r.b, r.head[i], r.row[i], blk, c0, count, sc, 1);
     float* pr = r.part + i * r.part_ld;
-    const float alpha = softmax_step<W>(sc, count, pr);
+    const float alpha = softmax_step<W>(sc, count, pr, pr + 2 + r.dvp);
     // O = alpha O + P V, up to 4 vectors of O in registers at a time.
     float* o = pr + 2;
     int64_t d0 = 0;
@@ -223,6 +271,72 @@ void decode_chunk(const AttnMask& mask, const DecodeRows& r, const KeyBlock& blk
       accumulate_rows<W, 4>(sc, v, count, o + d0, d0, alpha);
     for (; d0 < r.dvp; d0 += W) accumulate_rows<W, 1>(sc, v, count, o + d0, d0, alpha);
   }
+}
+
+// decode_chunk's work for the most common call, over a block's full chunks in one loop: one
+// query row per task (one new token, no query group), no mask, every key of the block visible
+// (the plan trims a single row's keys to those it sees), fp32 K and V rows in place at a
+// stride known when compiled, and Dv = D. The running output, its lane sums and the max stay
+// in registers for the whole block, the dot products are trees of two FMA pairs, and the
+// softmax rescales lazily as softmax_step does. Separate functions per chunk kept the output
+// in memory and the steps apart: the loop read its cache at 67-74% of a plain sum's rate from
+// the L2 on one core; a single loop like this one reads at the sum's rate.
+// Returns the keys done (a multiple of 16); the caller takes the rest chunk by chunk.
+template <int NQ>
+int64_t decode_row_fused(const float* q, FixedStrideRows<NQ * 16> k, FixedStrideRows<NQ * 16> v,
+                         int64_t count, float* pr, float* lanes) {
+  typedef simd::Vec<16>::F F;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  F qv[NQ], o[NQ], odd[NQ];
+  for (int d = 0; d < NQ; ++d) {
+    qv[d] = simd::load<16>(q + d * 16);
+    o[d] = simd::load<16>(pr + 2 + d * 16);
+    odd[d] = F{};
+  }
+  F l = simd::load<16>(lanes);
+  float m = pr[0];
+  alignas(64) float sc[16];
+  int64_t t = 0;
+  for (; t + 16 <= count; t += 16) {
+    F acc[16];
+    for (int i = 0; i < 16; ++i) {
+      const float* row = k[t + i];
+      F a = qv[0] * simd::load<16>(row), b = F{};
+      if constexpr (NQ > 1) a += qv[1] * simd::load<16>(row + 16);
+      for (int d = 2; d < NQ; d += 2) {
+        F c = qv[d] * simd::load<16>(row + d * 16);
+        if (d + 1 < NQ) c += qv[d + 1] * simd::load<16>(row + (d + 1) * 16);
+        b += c;
+      }
+      acc[i] = a + b;
+    }
+    const F s = reduce16(acc);
+    if (any_above<16>(s, m + kRescaleMargin)) {
+      const F finite = s > simd::splat<16>(ninf) ? s : simd::splat<16>(ninf);  // NaN lanes out
+      const float mx = hmax_lanes<16>(finite);
+      const float alpha = std::exp(m - mx);
+      const F a = simd::broadcast<16>(alpha);
+      for (int d = 0; d < NQ; ++d) o[d] *= a, odd[d] *= a;
+      l *= a;
+      m = mx;
+    }
+    const F p = simd::exp<16>(s - (m == ninf ? 0.0f : m));
+    l += p;
+    simd::store<16>(sc, p);
+    for (int i = 0; i < 16; i += 2) {
+      const F p0 = simd::broadcast<16>(sc[i]), p1 = simd::broadcast<16>(sc[i + 1]);
+      const float* r0 = v[t + i];
+      const float* r1 = v[t + i + 1];
+      for (int d = 0; d < NQ; ++d) {
+        o[d] += p0 * simd::load<16>(r0 + d * 16);
+        odd[d] += p1 * simd::load<16>(r1 + d * 16);
+      }
+    }
+  }
+  for (int d = 0; d < NQ; ++d) simd::store<16>(pr + 2 + d * 16, o[d] + odd[d]);
+  simd::store<16>(lanes, l);
+  pr[0] = m;
+  return t;
 }
 
 // One task's blocks [first, last) of the tile's keys, a chunk at a time. Rows in place are
@@ -237,12 +351,19 @@ void decode_blocks(const AttnForwardParams& p, const DecodeRows& r, int64_t g,
   const float* kptr[C];
   const float* vptr[C];
   alignas(64) float sc[C];
+  const bool one_row = r.count == 1 && p.mask.kind == AttnMaskKind::kNone && r.dvp == r.dp;
   for (int64_t n = 0; n < last && blocks.next(blk); ++n) {
     if (n < first) continue;
     int64_t ldk = 0, ldv = 0;
     const float* kin = rows_in_place(p.k, r.b, g, blk, D, r.dp, ldk);
     const float* vin = rows_in_place(p.v, r.b, g, blk, Dv, r.dvp, ldv);
-    for (int64_t c0 = 0; c0 < blk.count; c0 += C) {
+    int64_t c0 = 0;
+    if constexpr (W == 16 && NQ > 0) {
+      if (one_row && blk.kpos_max <= r.qpos[0] && kin && vin && ldk == NQ * W && ldv == NQ * W)
+        c0 = decode_row_fused<NQ>(r.q, FixedStrideRows<NQ * W>{kin}, FixedStrideRows<NQ * W>{vin},
+                                  blk.count, r.part, r.part + 2 + r.dvp);
+    }
+    for (; c0 < blk.count; c0 += C) {
       const int64_t cnt = std::min(C, blk.count - c0);
       if constexpr (NQ > 0) {
         if (kin && vin && ldk == NQ * W && ldv == NQ * W) {
@@ -291,9 +412,9 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
   const int workers = parallel_workers(tasks, threads);
   const float ninf = -std::numeric_limits<float>::infinity();
 
-  // Partial results per task: R rows of (m, l, o[dvp]).
+  // Partial results per task: R rows of (m, l, o[dvp], l's lane sums[W]).
   // rows padded to whole cache lines: tasks on different workers write neighbouring rows
-  const int64_t part_ld = line_padded<float>(dvp + 2);
+  const int64_t part_ld = line_padded<float>(dvp + 2 + W);
   LineVector<float> partial(size_t(tasks * R * part_ld));
 
   struct alignas(kCacheLine) Scratch {  // (cache_line.h: no line shared between workers)
@@ -396,6 +517,7 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
       decode_blocks<W, 2>(p, r, g, blocks, s.blk, first, last, kb, vb);
     else
       decode_blocks<W, 0>(p, r, g, blocks, s.blk, first, last, kb, vb);
+    for (int64_t i = 0; i < rows; ++i) fold_lane_sums<W>(part + i * part_ld, part + i * part_ld + 2 + dvp);
     if (splits == 1) merge(unit, s);
   });
 

@@ -97,9 +97,18 @@ class KeyBlocks {
     while (blk.count < cap_ && seg_ < tile_.segments.size()) {
       const attn::KeySegment& s = tile_.segments[seg_];
       const int64_t n = std::min(cap_ - blk.count, s.len - off_);
-      for (int64_t t = 0; t < n; ++t) {
-        blk.row[size_t(blk.count + t)] = s.start + off_ + t;
-        blk.kpos[size_t(blk.count + t)] = s.causal ? int32_t(s.kpos0 + off_ + t) : kPlainKey;
+      // Loops without a branch inside, which the compiler vectorises: a decode walks its cache
+      // block by block, and these two arrays (12 bytes a key) cost a tenth of its loop when
+      // written one key at a time.
+      int64_t* row = blk.row.data() + blk.count;
+      int32_t* kpos = blk.kpos.data() + blk.count;
+      const int64_t row0 = s.start + off_;
+      for (int64_t t = 0; t < n; ++t) row[t] = row0 + t;
+      if (s.causal) {
+        const int32_t kpos0 = int32_t(s.kpos0 + off_);
+        for (int64_t t = 0; t < n; ++t) kpos[t] = kpos0 + int32_t(t);
+      } else {
+        std::fill(kpos, kpos + n, kPlainKey);
       }
       if (s.causal) {
         blk.kpos_min = std::min(blk.kpos_min, int32_t(s.kpos0 + off_));
