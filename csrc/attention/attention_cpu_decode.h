@@ -127,21 +127,10 @@ inline void dot_rows(const float* q, Rows k, int64_t count, int64_t dp_rt, const
     typedef simd::Vec<16>::I I;
     for (; t + 16 <= count; t += 16) {
       F acc[16];
-      if constexpr (NQ > 0) {
-        F qv[NQ];
-        for (int d = 0; d < NQ; ++d) qv[d] = simd::load<16>(q + d * 16);
-        for (int i = 0; i < 16; ++i) {
-          const float* row = k[t + i];
-          F a = qv[0] * simd::load<16>(row);
-          for (int d = 1; d < NQ; ++d) a += qv[d] * simd::load<16>(row + d * 16);
-          acc[i] = a;
-        }
-      } else {
-        for (int i = 0; i < 16; ++i) acc[i] = simd::load<16>(q) * simd::load<16>(k[t + i]);
-        for (int64_t d = 16; d < dp; d += 16) {
-          const F qd = simd::load<16>(q + d);
-          for (int i = 0; i < 16; ++i) acc[i] += qd * simd::load<16>(k[t + i] + d);
-        }
+      for (int i = 0; i < 16; ++i) acc[i] = simd::load<16>(q) * simd::load<16>(k[t + i]);
+      for (int64_t d = 16; d < dp; d += 16) {
+        const F qd = simd::load<16>(q + d);
+        for (int i = 0; i < 16; ++i) acc[i] += qd * simd::load<16>(k[t + i] + d);
       }
       I kp;
       std::memcpy(&kp, kpos + t, sizeof(kp));
@@ -211,8 +200,8 @@ inline float softmax_step(float* s, int64_t count, float* pr, float* lanes) {
   for (; t < count; ++t) tail_max = s[t] > tail_max ? s[t] : tail_max;
   const float limit = m + kRescaleMargin;  // -inf while the row has seen no key
   float alpha = 1.0f, ref = m;
-  if (tail_max > limit || (count >= W && any_above<W>(mv, limit))) {
-    const float cmax = count >= W ? hmax_lanes<W>(mv) : ninf;
+  if (tail_max > limit || any_above<W>(mv, limit)) {  // (mv stays -inf under W scores)
+    const float cmax = hmax_lanes<W>(mv);
     ref = cmax > tail_max ? cmax : tail_max;  // > m: the new reference
     alpha = std::exp(m - ref);                // 0 when m = -inf (l and O are 0 then)
     pr[0] = ref;
@@ -236,10 +225,13 @@ inline float softmax_step(float* s, int64_t count, float* pr, float* lanes) {
   return alpha;
 }
 
+// Where a partial row (m, l, o[dvp], ...) keeps the lane-wise parts of l.
+inline float* lane_sums(float* pr, int64_t dvp) { return pr + 2 + dvp; }
+
 // l = the sum of the lane-wise parts softmax_step kept: once per row and task.
 template <int W>
-inline void fold_lane_sums(float* pr, const float* lanes) {
-  pr[1] = hsum_lanes<W>(simd::load<W>(lanes));
+inline void fold_lane_sums(float* pr, int64_t dvp) {
+  pr[1] = hsum_lanes<W>(simd::load<W>(lane_sums(pr, dvp)));
 }
 
 // The query rows one task serves (one kv head's group x the tile's new tokens) and their
@@ -263,7 +255,7 @@ void decode_chunk(const AttnMask& mask, const DecodeRows& r, const KeyBlock& blk
     if (mask.kind != AttnMaskKind::kNone)
       apply_mask_row(mask, r.b, r.head[i], r.row[i], blk, c0, count, sc, 1);
     float* pr = r.part + i * r.part_ld;
-    const float alpha = softmax_step<W>(sc, count, pr, pr + 2 + r.dvp);
+    const float alpha = softmax_step<W>(sc, count, pr, lane_sums(pr, r.dvp));
     // O = alpha O + P V, up to 4 vectors of O in registers at a time.
     float* o = pr + 2;
     int64_t d0 = 0;
@@ -361,7 +353,7 @@ void decode_blocks(const AttnForwardParams& p, const DecodeRows& r, int64_t g,
     if constexpr (W == 16 && NQ > 0) {
       if (one_row && blk.kpos_max <= r.qpos[0] && kin && vin && ldk == NQ * W && ldv == NQ * W)
         c0 = decode_row_fused<NQ>(r.q, FixedStrideRows<NQ * W>{kin}, FixedStrideRows<NQ * W>{vin},
-                                  blk.count, r.part, r.part + 2 + r.dvp);
+                                  blk.count, r.part, lane_sums(r.part, r.dvp));
     }
     for (; c0 < blk.count; c0 += C) {
       const int64_t cnt = std::min(C, blk.count - c0);
@@ -517,7 +509,7 @@ void attention_decode_driver(const AttnForwardParams& p, int num_threads) {
       decode_blocks<W, 2>(p, r, g, blocks, s.blk, first, last, kb, vb);
     else
       decode_blocks<W, 0>(p, r, g, blocks, s.blk, first, last, kb, vb);
-    for (int64_t i = 0; i < rows; ++i) fold_lane_sums<W>(part + i * part_ld, part + i * part_ld + 2 + dvp);
+    for (int64_t i = 0; i < rows; ++i) fold_lane_sums<W>(part + i * part_ld, dvp);
     if (splits == 1) merge(unit, s);
   });
 
