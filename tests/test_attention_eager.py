@@ -278,9 +278,10 @@ def test_the_entry_allocates_the_output_as_asked(contiguous, want_lse):
 
 
 def test_the_backward_entry_takes_plain_calls_and_declines_the_rest(monkeypatch):
-    """_C.attention_backward_cpu_eager: autograd's backward of a plain eager call runs it (the
+    """_C.attention_backward_cpu_call: autograd's backward of a plain eager call runs it (the
     op's body never runs), with gradients equal to the op's body's; a call it cannot take
-    (wrong shapes, dtypes or layouts, junk) returns False and writes nothing."""
+    (wrong shapes, dtypes or layouts, junk, the emulator or the reference backend) returns
+    False and writes nothing."""
     gen = gen_for("eager backward")
     q, k, v = (t.requires_grad_() for t in make_qkv(2, 4, 2, 9, 13, 16, 8, gen=gen))
     mask = make_mask("bool", (2, 1, 9, 13), gen)
@@ -301,23 +302,34 @@ def test_the_backward_entry_takes_plain_calls_and_declines_the_rest(monkeypatch)
     go = torch.randn_like(o)
     grads = [torch.full_like(t, 7.0) for t in (qd, kd, vd)]
 
-    def call(grad_out=go, grad_lse=None, lse_=lse, dq=grads[0], gqa=True, threads=1):
-        return _C.attention_backward_cpu_eager(grad_out, grad_lse, qd, kd, vd, o, lse_, dq, grads[1],
-                                               grads[2], 0, None, -1, None, None, _NO_CAUSAL, gqa,
-                                               threads)
+    def call(grad_out=go, grad_lse=None, q_=qd, lse_=lse, dq=grads[0], mask_=None):
+        return _C.attention_backward_cpu_call(grad_out, grad_lse, q_, kd, vd, o, lse_, dq, grads[1],
+                                              grads[2], mask_, None, None, _NO_CAUSAL)
     assert call(grad_out=go[:, :, :5]) is False                     # grad_out shaped unlike out
     assert call(grad_out=go.double()) is False                      # another dtype
     assert call(grad_lse=torch.zeros(2, 4, 8)) is False             # grad_lse shaped unlike lse
     assert call(grad_lse=torch.zeros(2, 9, 4).transpose(1, 2)) is False  # not contiguous
     assert call(lse_=None) is False                                  # the backward needs lse
+    assert call(lse_=lse.double()) is False                          # lse must be float32
     assert call(dq=torch.empty(2, 4, 9, 17)) is False                # dq shaped unlike q
-    assert call(gqa=False) is False                                  # Hkv = 2 of 4 without gqa
+    assert call(q_=qd.double()) is False                             # no kernel for float64
+    assert call(mask_=torch.ones(2, 1, 9, 13, dtype=torch.int32)) is False  # an int mask
     for junk in (None, 3, "g", object()):
         assert call(grad_out=junk) is False
+        assert call(q_=junk) is False
+    if emulator_available():
+        with emulated_cuda():  # CPU tensors then run the emulated CUDA kernels: not this entry
+            assert call() is False
+    with imgtx_fast.backend("reference"):
+        assert call() is False
     assert all((t == 7).all() for t in grads)
-    assert call(threads=2) is True
-    with pytest.raises(TypeError, match="18 arguments"):
-        _C.attention_backward_cpu_eager(go, None, qd)
+    assert call(mask_=torch.ones(2, 1, 9, 13, dtype=torch.bool)) is True
+    want = fa._backward_impl(go, None, qd, kd, vd, o, lse, None, None, fa.pattern_args(None),
+                             _NO_CAUSAL, 1 / math.sqrt(16))
+    for a, b in zip(grads, want):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="14 arguments"):
+        _C.attention_backward_cpu_call(go, None, qd)
 
 
 def _gates():

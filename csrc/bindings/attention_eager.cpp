@@ -22,7 +22,7 @@
 //   key_lengths  None, or (B,) contiguous int64 with values in [0, Nk].
 //   scale        None (1 / sqrt(D)) or a Python float/int.
 //   gqa          False: Hkv must equal H or be 1 (torch SDPA without enable_gqa).
-// The backward's entry (attention_backward_cpu_eager) reads the same operands the same way.
+// The backward's entry (attention_backward_cpu_call) reads the same operands the same way.
 #include <Python.h>
 
 #include <cmath>
@@ -336,24 +336,34 @@ bool read_grad(PyObject* t, PyObject* dtype_of, int64_t d0, int64_t d1, int64_t 
          v.size[1] == d1 && v.size[2] == d2 && v.size[3] == d3;
 }
 
-// attention_backward_cpu_eager(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, dtype_code,
-//                              attn_mask, mask_code, key_lengths, scale, causal_offset, gqa,
-//                              num_threads) -> bool
-// The backward of a plain eager CPU call in one compiled call, as the forward's: the forward's
-// operands (checked by build(), lse required), grad_out shaped like out, grad_lse None or
-// (B, H, Nq) contiguous float32, dq/dk/dv shaped like q/k/v (written). False: nothing written,
-// the caller takes the general path.
-PyObject* attention_backward_cpu_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 18) {
-    PyErr_Format(PyExc_TypeError, "attention_backward_cpu_eager takes 18 arguments, got %zd",
+// attention_backward_cpu_call(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, attn_mask,
+//                             key_lengths, scale, causal_offset) -> bool
+// The backward of a plain eager CPU call in one compiled call, as the forward's: the same state
+// checks (eager_kernels_ok: no emulator context, ...), the forward's operands (checked by
+// build_inputs, GQA allowed, lse float32 and required), grad_out shaped like out, grad_lse None
+// or (B, H, Nq) contiguous float32, dq/dk/dv shaped like q/k/v (written). False: nothing
+// written, the caller takes the general path.
+PyObject* attention_backward_cpu_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 14) {
+    PyErr_Format(PyExc_TypeError, "attention_backward_cpu_call takes 14 arguments, got %zd",
                  nargs);
     return nullptr;
   }
-  PyObject *grad_out = args[0], *grad_lse = args[1], *q = args[2];
-  const CallArgs c{args[11], args[13], args[14], PyLong_AsLong(args[10]),
-                   PyLong_AsLong(args[12]), PyLong_AsLongLong(args[15]), false,
-                   PyObject_IsTrue(args[16]) == 1};
-  if (PyErr_Occurred()) {
+  PyObject *grad_out = args[0], *grad_lse = args[1], *q = args[2], *lse = args[6];
+  PyObject* mask = args[10];
+  const int state = eager_kernels_ok();
+  if (state < 0) return nullptr;
+  if (state == 0 || q == Py_None || lse == Py_None) Py_RETURN_FALSE;
+  Owned dtype(PyObject_GetAttr(q, g_dtype));
+  Owned lse_dtype(PyObject_GetAttr(lse, g_dtype));
+  CallArgs c{mask, args[11], args[12], -1, -1, PyLong_AsLongLong(args[13]), false, true};
+  if (PyErr_Occurred() || !dtype.p || lse_dtype.p != float32_dtype()) {
+    PyErr_Clear();
+    Py_RETURN_FALSE;
+  }
+  c.code = float_dtype_code(dtype.p);
+  c.mask_code = mask == Py_None ? -1 : mask_dtype_code(mask);
+  if (c.code < 0 || (mask != Py_None && c.mask_code < 0)) {
     PyErr_Clear();
     Py_RETURN_FALSE;
   }
@@ -361,8 +371,8 @@ PyObject* attention_backward_cpu_eager(PyObject*, PyObject* const* args, Py_ssiz
   AttnBackwardParams p;
   View gv, dqv, dkv, dvv;
   // the forward's operands, read and checked as its: the gradients must match their shapes
-  bool ok = args[6] != Py_None && build_inputs(q, args[3], args[4], c, f) &&
-            attach_out(args[5], q, f) && attach_lse(args[6], f);
+  bool ok = build_inputs(q, args[3], args[4], c, f) && attach_out(args[5], q, f) &&
+            attach_lse(lse, f);
   const int64_t B = f.batch, H = f.heads, Hkv = f.kv_heads, Nq = f.q_len, Nk = f.k_len;
   ok = ok && read_grad(grad_out, q, B, H, Nq, f.v_dim, gv) &&
        read_grad(args[7], q, B, H, Nq, f.head_dim, dqv) &&
@@ -370,7 +380,7 @@ PyObject* attention_backward_cpu_eager(PyObject*, PyObject* const* args, Py_ssiz
        read_grad(args[9], q, B, Hkv, Nk, f.v_dim, dvv);
   if (ok && grad_lse != Py_None) {
     View lv;
-    ok = read_view(grad_lse, 3, lv) && lv.ndim == 3 && same_dtype(grad_lse, args[6]) &&
+    ok = read_view(grad_lse, 3, lv) && lv.ndim == 3 && same_dtype(grad_lse, lse) &&
          lv.size[0] == f.batch && lv.size[1] == f.heads && lv.size[2] == f.q_len &&
          lv.stride[2] == 1 && lv.stride[1] == f.q_len && lv.stride[0] == f.heads * f.q_len;
     if (ok) p.grad_lse = reinterpret_cast<const float*>(lv.ptr);
@@ -379,17 +389,17 @@ PyObject* attention_backward_cpu_eager(PyObject*, PyObject* const* args, Py_ssiz
     PyErr_Clear();  // whatever a method lookup left: the general path reports errors
     Py_RETURN_FALSE;
   }
+  const int threads = torch_num_threads();
+  if (threads < 0) return nullptr;
   static_cast<AttnParams&>(p) = static_cast<const AttnParams&>(f);
-  const DType dtype = f.q.dtype;
-  p.out = {f.out.data, dtype, f.out.stride_batch, f.out.stride_head, f.out.stride_row};
-  p.grad_out = operand(gv, dtype);
+  const DType dt = f.q.dtype;
+  p.out = {f.out.data, dt, f.out.stride_batch, f.out.stride_head, f.out.stride_row};
+  p.grad_out = operand(gv, dt);
   p.lse = f.lse;
-  p.grad_q = output(dqv, dtype);
-  p.grad_k = output(dkv, dtype);
-  p.grad_v = output(dvv, dtype);
-  const long threads = PyLong_AsLong(args[17]);
-  if (PyErr_Occurred()) return nullptr;
-  return run_without_gil([&] { attention_backward_cpu(p, int(threads < 1 ? 1 : threads)); });
+  p.grad_q = output(dqv, dt);
+  p.grad_k = output(dkv, dt);
+  p.grad_v = output(dvv, dt);
+  return run_without_gil([&] { attention_backward_cpu(p, threads); });
 }
 
 PyMethodDef g_eager_def = {
@@ -401,13 +411,13 @@ PyMethodDef g_eager_def = {
     "the general path: a plain eager CPU forward in one call."};
 
 PyMethodDef g_eager_backward_def = {
-    "attention_backward_cpu_eager",
+    "attention_backward_cpu_call",
     reinterpret_cast<PyCFunction>(
-        reinterpret_cast<void (*)(void)>(&attention_backward_cpu_eager)),
+        reinterpret_cast<void (*)(void)>(&attention_backward_cpu_call)),
     METH_FASTCALL,
-    "attention_backward_cpu_eager(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, dtype_code, "
-    "attn_mask, mask_code, key_lengths, scale, causal_offset, gqa, num_threads) -> bool: the CPU "
-    "backward on the tensors themselves; False (nothing written) for a call it does not take."};
+    "attention_backward_cpu_call(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, attn_mask, "
+    "key_lengths, scale, causal_offset) -> bool: the CPU backward of a plain eager call on the "
+    "tensors themselves; False (nothing written) for a call it does not take."};
 
 }  // namespace
 
@@ -422,7 +432,7 @@ void register_attention_eager(pybind11::module_& m) {
   m.add_object("attention_forward_cpu_call", pybind11::reinterpret_steal<pybind11::object>(fn));
   PyObject* bwd = PyCFunction_NewEx(&g_eager_backward_def, nullptr, m.attr("__name__").ptr());
   if (!bwd) throw pybind11::error_already_set();
-  m.add_object("attention_backward_cpu_eager", pybind11::reinterpret_steal<pybind11::object>(bwd));
+  m.add_object("attention_backward_cpu_call", pybind11::reinterpret_steal<pybind11::object>(bwd));
 }
 
 }  // namespace bindings

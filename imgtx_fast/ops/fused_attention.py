@@ -24,7 +24,7 @@ from .._frontend.attention import (_DENSE, _NO_CAUSAL, _OP, NO_MASK, check_shape
                                    kernel_causal_offset, mask_arg, pattern_args, pattern_from_args)
 from .._frontend.common import check_int, check_real
 from ..reference import attention as _reference
-from ._launch import (EMULATOR, cuda_module, cuda_stream, device_guard,
+from ._launch import (cuda_module, cuda_stream, device_guard,
                       eager_fast_path, num_threads)
 
 
@@ -323,26 +323,16 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (pattern, causal_offset, scale)
 
 
-# attn_mask dtype codes of the backward's one-call entry point: an additive mask's float code, 3
-# for bool
-_EAGER_MASK_CODES = {**FLOAT_CODES, torch.bool: 3}
-
-
 def _eager_backward(grad_out, grad_lse, q, k, v, out, lse, key_lengths, attn_mask, pattern,
                     causal_offset, scale):
     """The backward of a plain eager CPU call: one compiled call
-    (_C.attention_backward_cpu_eager, which reads the tensors and checks them itself; ~20 us less
-    than the op's body at (8, 8, 16, 64)), else the op's body (_backward_impl), which also writes
-    the error messages."""
-    code = FLOAT_CODES.get(q.dtype)
-    mask_code = -1 if attn_mask is None else _EAGER_MASK_CODES.get(attn_mask.dtype)
-    if (code is not None and mask_code is not None and pattern[0] == _DENSE
-            and EMULATOR.get() is None and lse.dtype is torch.float32
-            and (grad_lse is None or grad_lse.dtype is torch.float32)):
+    (_C.attention_backward_cpu_call, which makes the state checks, reads the tensors and checks
+    them itself; ~20 us less than the op's body at (8, 8, 16, 64)), else the op's body
+    (_backward_impl), which also writes the error messages."""
+    if pattern[0] == _DENSE:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        if _C.attention_backward_cpu_eager(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, code,
-                                           attn_mask, mask_code, key_lengths, scale,
-                                           causal_offset, True, num_threads()):
+        if _C.attention_backward_cpu_call(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv,
+                                          attn_mask, key_lengths, scale, causal_offset):
             return dq, dk, dv
     return _backward_impl(grad_out, grad_lse, q, k, v, out, lse, key_lengths, attn_mask, pattern,
                           causal_offset, scale)
