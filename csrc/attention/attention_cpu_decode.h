@@ -28,10 +28,12 @@ constexpr int64_t kDecodeChunk = 16;
 
 // A call with less work than this (cached K and V elements read, times the query rows that
 // share them) runs on the calling thread alone. Handing tasks to a second thread costs ~3 us
-// (its wake-up and the join), about what one core takes to read 384 KB of fp32 keys and values
-// from its cache. Measured on torch's team, (1, 8, 1, 64) queries, 1 thread against 2: 64 cached
-// keys (256 KB) 6.8 against 8.7 us, 128 keys 10.1 against 10.2, 256 keys 17.7 against 13.8.
-constexpr int64_t kDecodeSerialWork = 96 * 1024;
+// (its wake-up and the join), about what one core takes to read 768 KB of fp32 keys and values
+// from its cache with the one-loop kernel (decode_row_fused). Measured through
+// imgtx_fast.attention on torch's team, (1, 8, 1, 64) queries, 1 thread against 2: 96 cached
+// keys 8.7 against 10.3 us, 128 keys 9.5 against 10.5, 192 keys 11.8 against 11.9, 256 keys
+// 14.1 against 13.0, 384 keys 21.7 against 15.0.
+constexpr int64_t kDecodeSerialWork = 192 * 1024;
 
 template <int W>
 inline float hsum_lanes(typename simd::Vec<W>::F v) {
