@@ -335,21 +335,26 @@ def test_kv_decode_large_logits(mag, cpu_isa):
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
-@pytest.mark.parametrize("B,H,Hkv", [(2, 4, 4), (1, 2, 2), (2, 4, 2)])
+@pytest.mark.parametrize("B,H,Hkv", [(2, 4, 4), (1, 2, 2), (2, 4, 2), (1, 6, 2), (1, 8, 1),
+                                     (2, 10, 2)])
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("Nk", [16, 37, 256, 300, 1029])
 def test_kv_decode_rescales(B, H, Hkv, D, Nk, cpu_isa):
     """The decode loop keeps a reference max per row and rescales the running output and sum
     only when a score rises past it by a margin. Logits rising along the cache move it many
-    times mid-block. One query row per kv head, no mask and fp32 rows in place take the single
-    loop (full 16-key chunks; the rest chunk by chunk; 1029 keys on (1, 2) heads is also split
-    across threads); a group of heads per kv head takes the chunk-by-chunk path throughout."""
+    times mid-block. With no mask and fp32 rows in place, the rows of a kv head that all see a
+    whole block take the single loops over its full 16-key chunks: one row (registers), or
+    groups of 2-4 (groups of 2, 3 and 4 heads here, 8 as two of 4, 5 as 4 and one row; and
+    two new tokens a head without causality); the rest goes chunk by chunk, and so do blocks
+    that the causal offset cuts. 1029 keys on (1, 2) heads is also split across threads."""
     q, k, v, _ = qkv(B, H, Hkv, Nq=1, Nk=Nk, D=D, key=("decode rescale", B, Hkv, D, Nk))
     ramp = torch.linspace(0, 6, Nk).view(1, 1, Nk, 1)
     rising = k + q[:, :: H // Hkv] * ramp  # logits up to ~6 sqrt(D)
+    q2 = torch.cat([q, q.flip(1)], dim=2)  # two new tokens a head
     for keys in (k, rising):
         run_forward(q, keys, v, causal=True)
         run_forward(q, keys, v, api="op", causal_offset=max(0, Nk - 22))
+        run_forward(q2, keys, v)
 
 
 # ---- patterns with the other options ------------------------------------------------------------
