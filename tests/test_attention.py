@@ -342,11 +342,11 @@ def test_kv_decode_large_logits(mag, cpu_isa):
 def test_kv_decode_rescales(B, H, Hkv, D, Nk, cpu_isa):
     """The decode loop keeps a reference max per row and rescales the running output and sum
     only when a score rises past it by a margin. Logits rising along the cache move it many
-    times mid-block. With no mask and fp32 rows in place, the rows of a kv head that all see a
-    whole block take the single loops over its full 16-key chunks: one row (registers), or
-    groups of 2-4 (groups of 2, 3 and 4 heads here, 8 as two of 4, 5 as 4 and one row; and
-    two new tokens a head without causality); the rest goes chunk by chunk, and so do blocks
-    that the causal offset cuts. 1029 keys on (1, 2) heads is also split across threads."""
+    times mid-block. With no mask and fp32 rows in place, the keys of a block that every row of
+    a kv head sees take the single loops, full 16-key chunks: one row (registers), or groups
+    of 2-4 (groups of 2, 3 and 4 heads here, 8 as two of 4, 5 as 4 and one row; two new tokens
+    a head). The rest goes chunk by chunk: the tail, and with causality the last block's keys
+    past the earliest new token. 1029 keys on (1, 2) heads is also split across threads."""
     q, k, v, _ = qkv(B, H, Hkv, Nq=1, Nk=Nk, D=D, key=("decode rescale", B, Hkv, D, Nk))
     ramp = torch.linspace(0, 6, Nk).view(1, 1, Nk, 1)
     rising = k + q[:, :: H // Hkv] * ramp  # logits up to ~6 sqrt(D)
@@ -355,6 +355,7 @@ def test_kv_decode_rescales(B, H, Hkv, D, Nk, cpu_isa):
         run_forward(q, keys, v, causal=True)
         run_forward(q, keys, v, api="op", causal_offset=max(0, Nk - 22))
         run_forward(q2, keys, v)
+        run_forward(q2, keys, v, causal=True)  # the last block: fused up to the first token's key
 
 
 # ---- patterns with the other options ------------------------------------------------------------

@@ -448,7 +448,9 @@ void decode_blocks(const AttnForwardParams& p, const DecodeRows& r, int64_t g,
   const float* kptr[C];
   const float* vptr[C];
   alignas(64) float sc[C];
-  // every row sees the whole block: the fused loops (no mask, Dv = D, fp32 rows in place)
+  // The keys of a block every row sees go through the fused loops (no mask, Dv = D, fp32 rows
+  // in place): the whole block, or with causality and several new tokens, the block's keys up
+  // to the earliest token's position (the last block's other keys then go chunk by chunk).
   const bool fusable = p.mask.kind == AttnMaskKind::kNone && r.dvp == r.dp;
   const int32_t qpos_min = *std::min_element(r.qpos, r.qpos + r.count);
   for (int64_t n = 0; n < last && blocks.next(blk); ++n) {
@@ -458,9 +460,13 @@ void decode_blocks(const AttnForwardParams& p, const DecodeRows& r, int64_t g,
     const float* vin = rows_in_place(p.v, r.b, g, blk, Dv, r.dvp, ldv);
     int64_t c0 = 0;
     if constexpr (W == 16 && NQ > 0) {
-      if (fusable && blk.kpos_max <= qpos_min && kin && vin && ldk == NQ * W && ldv == NQ * W)
+      if (fusable && kin && vin && ldk == NQ * W && ldv == NQ * W) {
+        int64_t seen = blk.count;  // the prefix of the block every row sees
+        if (blk.kpos_max > qpos_min)
+          for (seen = 0; seen < blk.count && blk.kpos[size_t(seen)] <= qpos_min;) ++seen;
         c0 = decode_fused<NQ>(r, FixedStrideRows<NQ * W>{kin}, FixedStrideRows<NQ * W>{vin},
-                              blk.count);
+                              seen);
+      }
     }
     for (; c0 < blk.count; c0 += C) {
       const int64_t cnt = std::min(C, blk.count - c0);
