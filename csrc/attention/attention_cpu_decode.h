@@ -116,6 +116,31 @@ inline simd::Vec<16>::F reduce16(const simd::Vec<16>::F* acc) {
          __builtin_shufflevector(w[0], w[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
 }
 
+// reduce16 for 8-lane vectors (AVX2): acc[i] holds key i's partial dot products; returns the
+// vector of the 8 totals, lane i = key i. Three rounds of "shuffle the two halves apart and add".
+inline simd::Vec<8>::F reduce8(const simd::Vec<8>::F* acc) {
+  typedef simd::Vec<8>::F F;
+  F u[4], v[2];
+  for (int i = 0; i < 4; ++i)  // halves: [key i | key i + 4]
+    u[i] = __builtin_shufflevector(acc[i], acc[i + 4], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(acc[i], acc[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)  // pairs: [i, i + 2, i + 4, i + 6]
+    v[i] = __builtin_shufflevector(u[i], u[i + 2], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(u[i], u[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(v[0], v[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+         __builtin_shufflevector(v[0], v[1], 1, 9, 3, 11, 5, 13, 7, 15);
+}
+
+// W lane-sums at once (W = 8 or 16): lane i of the result = the sum of acc[i]'s lanes.
+template <int W>
+inline typename simd::Vec<W>::F reduce_lanes(const typename simd::Vec<W>::F* acc) {
+  static_assert(W == 8 || W == 16, "reduce_lanes: 8 or 16 lanes");
+  if constexpr (W == 16)
+    return reduce16(acc);
+  else
+    return reduce8(acc);
+}
+
 // out[t] = q . k[t] for t < count (-inf where kpos[t] > qpos: causal keys the query cannot see).
 // NQ > 0: the padded width is NQ vectors, known when compiled (the loops unroll); 0: dp_rt.
 template <int W, int NQ, class Rows>
@@ -125,18 +150,18 @@ inline void dot_rows(const float* q, Rows k, int64_t count, int64_t dp_rt, const
   const int64_t dp = NQ > 0 ? int64_t(NQ) * W : dp_rt;
   const float ninf = -std::numeric_limits<float>::infinity();
   int64_t t = 0;
-  if constexpr (W == 16) {
-    typedef simd::Vec<16>::I I;
-    for (; t + 16 <= count; t += 16) {
-      F acc[16];
-      for (int i = 0; i < 16; ++i) acc[i] = simd::load<16>(q) * simd::load<16>(k[t + i]);
-      for (int64_t d = 16; d < dp; d += 16) {
-        const F qd = simd::load<16>(q + d);
-        for (int i = 0; i < 16; ++i) acc[i] += qd * simd::load<16>(k[t + i] + d);
+  if constexpr (W >= 8) {
+    typedef typename simd::Vec<W>::I I;
+    for (; t + W <= count; t += W) {
+      F acc[W];
+      for (int i = 0; i < W; ++i) acc[i] = simd::load<W>(q) * simd::load<W>(k[t + i]);
+      for (int64_t d = W; d < dp; d += W) {
+        const F qd = simd::load<W>(q + d);
+        for (int i = 0; i < W; ++i) acc[i] += qd * simd::load<W>(k[t + i] + d);
       }
       I kp;
       std::memcpy(&kp, kpos + t, sizeof(kp));
-      simd::store<16>(out + t, kp > qpos ? simd::splat<16>(ninf) : reduce16(acc));
+      simd::store<W>(out + t, kp > qpos ? simd::splat<W>(ninf) : reduce_lanes<W>(acc));
     }
   }
   for (; t < count; ++t) {
@@ -267,25 +292,25 @@ void decode_chunk(const AttnMask& mask, const DecodeRows& r, const KeyBlock& blk
   }
 }
 
-// The scores of keys [t, t + 16) for the query row qv (NQ vectors): each dot product a tree of
-// two FMA pairs (not one chain of NQ), reduced across lanes by reduce16; lane i = key t + i.
-template <int NQ>
-inline simd::Vec<16>::F chunk_scores(const simd::Vec<16>::F* qv, FixedStrideRows<NQ * 16> k,
-                                     int64_t t) {
-  typedef simd::Vec<16>::F F;
-  F acc[16];
-  for (int i = 0; i < 16; ++i) {
+// The scores of keys [t, t + W) for the query row qv (NQ vectors): each dot product a tree of
+// two FMA pairs (not one chain of NQ), reduced across lanes by reduce_lanes; lane i = key t + i.
+template <int W, int NQ>
+inline typename simd::Vec<W>::F chunk_scores(const typename simd::Vec<W>::F* qv,
+                                             FixedStrideRows<NQ * W> k, int64_t t) {
+  typedef typename simd::Vec<W>::F F;
+  F acc[W];
+  for (int i = 0; i < W; ++i) {
     const float* row = k[t + i];
-    F a = qv[0] * simd::load<16>(row), b = F{};
-    if constexpr (NQ > 1) a += qv[1] * simd::load<16>(row + 16);
+    F a = qv[0] * simd::load<W>(row), b = F{};
+    if constexpr (NQ > 1) a += qv[1] * simd::load<W>(row + W);
     for (int d = 2; d < NQ; d += 2) {
-      F c = qv[d] * simd::load<16>(row + d * 16);
-      if (d + 1 < NQ) c += qv[d + 1] * simd::load<16>(row + (d + 1) * 16);
+      F c = qv[d] * simd::load<W>(row + d * W);
+      if (d + 1 < NQ) c += qv[d + 1] * simd::load<W>(row + (d + 1) * W);
       b += c;
     }
     acc[i] = a + b;
   }
-  return reduce16(acc);
+  return reduce_lanes<W>(acc);
 }
 
 // decode_chunk's work for the most common call, over a block's full chunks in one loop: one
@@ -295,49 +320,61 @@ inline simd::Vec<16>::F chunk_scores(const simd::Vec<16>::F* qv, FixedStrideRows
 // in registers for the whole block, the dot products are trees (chunk_scores), and the
 // softmax rescales lazily as softmax_step does. Separate functions per chunk kept the output
 // in memory and the steps apart: the loop read its cache at 67-74% of a plain sum's rate from
-// the L2 on one core; a single loop like this one reads at the sum's rate.
-// Returns the keys done (a multiple of 16); the caller takes the rest chunk by chunk.
-template <int NQ>
-int64_t decode_row_fused(const float* q, FixedStrideRows<NQ * 16> k, FixedStrideRows<NQ * 16> v,
+// the L2 on one core; a single loop like this one reads at the sum's rate. A chunk is W keys.
+// With fewer than 8 output vectors, even and odd keys go to separate accumulators (8 chains
+// keep the two FMA ports busy); with 8 or more, one set (two would not fit in the registers).
+// Returns the keys done (a multiple of W); the caller takes the rest chunk by chunk.
+template <int W, int NQ>
+int64_t decode_row_fused(const float* q, FixedStrideRows<NQ * W> k, FixedStrideRows<NQ * W> v,
                          int64_t count, float* pr, float* lanes) {
-  typedef simd::Vec<16>::F F;
+  typedef typename simd::Vec<W>::F F;
+  constexpr bool kTwoSets = NQ < 8;
   const float ninf = -std::numeric_limits<float>::infinity();
-  F qv[NQ], o[NQ], odd[NQ];
+  F qv[NQ], o[NQ], odd[kTwoSets ? NQ : 1];
   for (int d = 0; d < NQ; ++d) {
-    qv[d] = simd::load<16>(q + d * 16);
-    o[d] = simd::load<16>(pr + 2 + d * 16);
-    odd[d] = F{};
+    qv[d] = simd::load<W>(q + d * W);
+    o[d] = simd::load<W>(pr + 2 + d * W);
+    if constexpr (kTwoSets) odd[d] = F{};
   }
-  F l = simd::load<16>(lanes);
+  F l = simd::load<W>(lanes);
   float m = pr[0];
-  alignas(64) float sc[16];
+  alignas(64) float sc[W];
   int64_t t = 0;
-  for (; t + 16 <= count; t += 16) {
-    const F s = chunk_scores<NQ>(qv, k, t);
-    if (any_above<16>(s, m + kRescaleMargin)) {
-      const F finite = s > simd::splat<16>(ninf) ? s : simd::splat<16>(ninf);  // NaN lanes out
-      const float mx = hmax_lanes<16>(finite);
+  for (; t + W <= count; t += W) {
+    const F s = chunk_scores<W, NQ>(qv, k, t);
+    if (any_above<W>(s, m + kRescaleMargin)) {
+      const F finite = s > simd::splat<W>(ninf) ? s : simd::splat<W>(ninf);  // NaN lanes out
+      const float mx = hmax_lanes<W>(finite);
       const float alpha = std::exp(m - mx);
-      const F a = simd::broadcast<16>(alpha);
-      for (int d = 0; d < NQ; ++d) o[d] *= a, odd[d] *= a;
+      const F a = simd::broadcast<W>(alpha);
+      for (int d = 0; d < NQ; ++d) {
+        o[d] *= a;
+        if constexpr (kTwoSets) odd[d] *= a;
+      }
       l *= a;
       m = mx;
     }
-    const F p = simd::exp<16>(s - (m == ninf ? 0.0f : m));
+    const F p = simd::exp<W>(s - (m == ninf ? 0.0f : m));
     l += p;
-    simd::store<16>(sc, p);
-    for (int i = 0; i < 16; i += 2) {
-      const F p0 = simd::broadcast<16>(sc[i]), p1 = simd::broadcast<16>(sc[i + 1]);
+    simd::store<W>(sc, p);
+    for (int i = 0; i < W; i += 2) {
+      const F p0 = simd::broadcast<W>(sc[i]), p1 = simd::broadcast<W>(sc[i + 1]);
       const float* r0 = v[t + i];
       const float* r1 = v[t + i + 1];
       for (int d = 0; d < NQ; ++d) {
-        o[d] += p0 * simd::load<16>(r0 + d * 16);
-        odd[d] += p1 * simd::load<16>(r1 + d * 16);
+        o[d] += p0 * simd::load<W>(r0 + d * W);
+        if constexpr (kTwoSets)
+          odd[d] += p1 * simd::load<W>(r1 + d * W);
+        else
+          o[d] += p1 * simd::load<W>(r1 + d * W);
       }
     }
   }
-  for (int d = 0; d < NQ; ++d) simd::store<16>(pr + 2 + d * 16, o[d] + odd[d]);
-  simd::store<16>(lanes, l);
+  for (int d = 0; d < NQ; ++d) {
+    if constexpr (kTwoSets) o[d] += odd[d];
+    simd::store<W>(pr + 2 + d * W, o[d]);
+  }
+  simd::store<W>(lanes, l);
   pr[0] = m;
   return t;
 }
@@ -353,60 +390,61 @@ int64_t decode_row_fused(const float* q, FixedStrideRows<NQ * 16> k, FixedStride
 // 2 heads a kv head 22.3 -> 20.6 us, 4 heads 40 -> 29 us, 8 heads 76 -> 56 us (a plain sum:
 // 11.5 us). The work per key grows with the rows: a group of 4 is compute-bound.
 // rows: q at q + r * q_ld (scaled), partial rows at part + r * part_ld. Returns the keys done.
-template <int NQ, int R>
-int64_t decode_rows_fused(const float* q, int64_t q_ld, FixedStrideRows<NQ * 16> k,
-                          FixedStrideRows<NQ * 16> v, int64_t count, float* part,
+template <int W, int NQ, int R>
+int64_t decode_rows_fused(const float* q, int64_t q_ld, FixedStrideRows<NQ * W> k,
+                          FixedStrideRows<NQ * W> v, int64_t count, float* part,
                           int64_t part_ld, int64_t dvp) {
-  typedef simd::Vec<16>::F F;
-  constexpr int G = NQ < 16 / R ? NQ : 16 / R;  // output vectors a row in registers: R * G <= 16
+  typedef typename simd::Vec<W>::F F;
+  constexpr int kRegs = W == 16 ? 16 : 8;  // output vectors in registers (of 32, 16)
+  constexpr int G = NQ < kRegs / R ? NQ : kRegs / R;  // a row's, R * G <= kRegs
   const float ninf = -std::numeric_limits<float>::infinity();
-  alignas(64) float sc[R][16];
+  alignas(64) float sc[R][W];
   int64_t t = 0;
-  for (; t + 16 <= count; t += 16) {
+  for (; t + W <= count; t += W) {
     F s[R];  // every row's scores first: the exponentials' chains then run side by side
     for (int r = 0; r < R; ++r) {
       const float* qr = q + r * q_ld;
       F qv[NQ];
-      for (int d = 0; d < NQ; ++d) qv[d] = simd::load<16>(qr + d * 16);
-      s[r] = chunk_scores<NQ>(qv, k, t);
+      for (int d = 0; d < NQ; ++d) qv[d] = simd::load<W>(qr + d * W);
+      s[r] = chunk_scores<W, NQ>(qv, k, t);
     }
     for (int r = 0; r < R; ++r) {
       float* pr = part + r * part_ld;
-      if (!any_above<16>(s[r], pr[0] + kRescaleMargin)) continue;
-      const F finite = s[r] > simd::splat<16>(ninf) ? s[r] : simd::splat<16>(ninf);  // NaN out
-      const float mx = hmax_lanes<16>(finite);
-      const F a = simd::broadcast<16>(std::exp(pr[0] - mx));
+      if (!any_above<W>(s[r], pr[0] + kRescaleMargin)) continue;
+      const F finite = s[r] > simd::splat<W>(ninf) ? s[r] : simd::splat<W>(ninf);  // NaN out
+      const float mx = hmax_lanes<W>(finite);
+      const F a = simd::broadcast<W>(std::exp(pr[0] - mx));
       for (int d = 0; d < NQ; ++d)
-        simd::store<16>(pr + 2 + d * 16, simd::load<16>(pr + 2 + d * 16) * a);
+        simd::store<W>(pr + 2 + d * W, simd::load<W>(pr + 2 + d * W) * a);
       float* lanes = lane_sums(pr, dvp);
-      simd::store<16>(lanes, simd::load<16>(lanes) * a);
+      simd::store<W>(lanes, simd::load<W>(lanes) * a);
       pr[0] = mx;
     }
     for (int r = 0; r < R; ++r) {
       float* pr = part + r * part_ld;
       float* lanes = lane_sums(pr, dvp);
-      const F p = simd::exp<16>(s[r] - (pr[0] == ninf ? 0.0f : pr[0]));
-      simd::store<16>(lanes, simd::load<16>(lanes) + p);
-      simd::store<16>(sc[r], p);
+      const F p = simd::exp<W>(s[r] - (pr[0] == ninf ? 0.0f : pr[0]));
+      simd::store<W>(lanes, simd::load<W>(lanes) + p);
+      simd::store<W>(sc[r], p);
     }
     for (int d0 = 0; d0 < NQ; d0 += G) {
       F o[R][G];
       for (int r = 0; r < R; ++r)
         for (int d = 0; d < G; ++d)
-          if (d0 + d < NQ) o[r][d] = simd::load<16>(part + r * part_ld + 2 + (d0 + d) * 16);
-      for (int i = 0; i < 16; ++i) {
-        const float* row = v[t + i] + d0 * 16;
+          if (d0 + d < NQ) o[r][d] = simd::load<W>(part + r * part_ld + 2 + (d0 + d) * W);
+      for (int i = 0; i < W; ++i) {
+        const float* row = v[t + i] + d0 * W;
         F pb[R];
-        for (int r = 0; r < R; ++r) pb[r] = simd::broadcast<16>(sc[r][i]);
+        for (int r = 0; r < R; ++r) pb[r] = simd::broadcast<W>(sc[r][i]);
         for (int d = 0; d < G; ++d) {
           if (d0 + d >= NQ) break;
-          const F x = simd::load<16>(row + d * 16);
+          const F x = simd::load<W>(row + d * W);
           for (int r = 0; r < R; ++r) o[r][d] += pb[r] * x;
         }
       }
       for (int r = 0; r < R; ++r)
         for (int d = 0; d < G; ++d)
-          if (d0 + d < NQ) simd::store<16>(part + r * part_ld + 2 + (d0 + d) * 16, o[r][d]);
+          if (d0 + d < NQ) simd::store<W>(part + r * part_ld + 2 + (d0 + d) * W, o[r][d]);
     }
   }
   return t;
@@ -414,23 +452,23 @@ int64_t decode_rows_fused(const float* q, int64_t q_ld, FixedStrideRows<NQ * 16>
 
 // The block's full chunks for every row of r by the fused loops: decode_rows_fused for groups
 // of up to 4 rows, decode_row_fused for a row on its own. Returns the keys done (the same for every row).
-template <int NQ>
-int64_t decode_fused(const DecodeRows& r, FixedStrideRows<NQ * 16> k,
-                     FixedStrideRows<NQ * 16> v, int64_t count) {
-  if (r.count == 1) return decode_row_fused<NQ>(r.q, k, v, count, r.part, lane_sums(r.part, r.dvp));
+template <int W, int NQ>
+int64_t decode_fused(const DecodeRows& r, FixedStrideRows<NQ * W> k,
+                     FixedStrideRows<NQ * W> v, int64_t count) {
+  if (r.count == 1) return decode_row_fused<W, NQ>(r.q, k, v, count, r.part, lane_sums(r.part, r.dvp));
   int64_t done = 0;
   for (int64_t i = 0; i < r.count;) {
     const int64_t n = std::min<int64_t>(4, r.count - i);
     const float* q = r.q + i * r.dp;
     float* part = r.part + i * r.part_ld;
     if (n == 4)
-      done = decode_rows_fused<NQ, 4>(q, r.dp, k, v, count, part, r.part_ld, r.dvp);
+      done = decode_rows_fused<W, NQ, 4>(q, r.dp, k, v, count, part, r.part_ld, r.dvp);
     else if (n == 3)
-      done = decode_rows_fused<NQ, 3>(q, r.dp, k, v, count, part, r.part_ld, r.dvp);
+      done = decode_rows_fused<W, NQ, 3>(q, r.dp, k, v, count, part, r.part_ld, r.dvp);
     else if (n == 2)
-      done = decode_rows_fused<NQ, 2>(q, r.dp, k, v, count, part, r.part_ld, r.dvp);
+      done = decode_rows_fused<W, NQ, 2>(q, r.dp, k, v, count, part, r.part_ld, r.dvp);
     else
-      done = decode_row_fused<NQ>(q, k, v, count, part, lane_sums(part, r.dvp));
+      done = decode_row_fused<W, NQ>(q, k, v, count, part, lane_sums(part, r.dvp));
     i += n;
   }
   return done;
@@ -459,12 +497,12 @@ void decode_blocks(const AttnForwardParams& p, const DecodeRows& r, int64_t g,
     const float* kin = rows_in_place(p.k, r.b, g, blk, D, r.dp, ldk);
     const float* vin = rows_in_place(p.v, r.b, g, blk, Dv, r.dvp, ldv);
     int64_t c0 = 0;
-    if constexpr (W == 16 && NQ > 0) {
+    if constexpr (W >= 8 && NQ > 0) {  // (the portable build's 4 lanes: chunk by chunk)
       if (fusable && kin && vin && ldk == NQ * W && ldv == NQ * W) {
         int64_t seen = blk.count;  // the prefix of the block every row sees
         if (blk.kpos_max > qpos_min)
           for (seen = 0; seen < blk.count && blk.kpos[size_t(seen)] <= qpos_min;) ++seen;
-        c0 = decode_fused<NQ>(r, FixedStrideRows<NQ * W>{kin}, FixedStrideRows<NQ * W>{vin},
+        c0 = decode_fused<W, NQ>(r, FixedStrideRows<NQ * W>{kin}, FixedStrideRows<NQ * W>{vin},
                               seen);
       }
     }
