@@ -3,10 +3,11 @@
 // With one query per head the 32-lane tiles of the main kernel would be 97% padding, and the
 // work is reading K and V once: 4 * D flops per 8 * D bytes. This path streams each key and
 // value row once per kv head and serves every query row that shares it (the group's heads x
-// the new tokens, GQA/MQA included). It walks the keys in chunks of 16: the chunk's K rows
-// give the scores (dot products reduced in registers), an online-softmax step rescales the
-// running output, and the same chunk's V rows are accumulated, so K and V are read as two
-// streams side by side and the hardware prefetcher keeps both running. (Scoring a whole block
+// the new tokens, GQA/MQA included). It walks the keys in chunks (16, or a vector's width of
+// keys in the fused loops): the chunk's K rows give the scores (dot products reduced in
+// registers), an online-softmax step rescales the running output, and the same chunk's V rows
+// are accumulated, so K and V are read as two streams side by side and the hardware
+// prefetcher keeps both running. (Scoring a whole block
 // of keys before reading its values alternates the streams instead: each restart leaves the
 // core waiting on memory, 70-75% of the plain read rate measured on one core.) Long caches are
 // split across threads ("flash decoding") and the partial (max, sum, output) of the splits
