@@ -306,6 +306,8 @@ def _write_attention(tr, results, settings):
     for r in results.attention.values():
         if "read_fraction" in r:
             verdict = ("" if not settings.timing else
+                       "; no target (several query heads a kv head: more work a byte)"
+                       if not r["read_target"] else
                        "; target >=85%: " + ("met" if r["read_fraction"] >= READ_TARGET else "MISSED"))
             tr.write_line(f"{r['label']} {r['shape']}: imgtx_fast reads K+V at "
                           f"{r['gbps']['imgtx_fast']:.1f} GB/s = {100 * r['read_fraction']:.0f}% of "

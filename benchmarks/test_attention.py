@@ -21,9 +21,12 @@ imgtx_fast is faster); each bar is reported met/missed in the summary, never ass
                   key_lengths [77, 50, 20, 7]
   decode          q (4, 8, 1, 64), k/v (4, 8, 4096, 64), causal    sdpa, no mask             2x
   decode_small    q (1, 8, 1, 64), k/v (1, 8, 1024, 64), causal    sdpa, no mask             1.0x
+  decode_gqa      q (1, 32, 1, 128), k/v (1, 8, 2048, 128), causal sdpa, enable_gqa=True     -
+                  (4 query heads a kv head)
 
 Decoding reads each cached key and value once: the decode cases also report our K+V read rate
-against torch.sum over as many bytes, timed in the same round robin (target: >= 85% of it).
+against torch.sum over as many bytes, timed in the same round robin (target: >= 85% of it,
+with one query head a kv head; with GQA each byte feeds several heads' work: no target).
 
 Peers get their masks built outside the timed region (the best case for them). The decode peer
 takes no mask: every cached key is visible, and SDPA's is_causal is top-left aligned (one query
@@ -90,11 +93,17 @@ class Case:
     key_lengths: Optional[Tuple[int, ...]] = None
     backward: bool = False
     bars: Dict[str, float] = field(default_factory=dict)  # peer -> minimum peer/ours ratio
+    Hkv: Optional[int] = None  # kv heads (GQA); None: H
+
+    @property
+    def kv_heads(self) -> int:
+        return self.H if self.Hkv is None else self.Hkv
 
     @property
     def shape(self) -> str:
         q = f"({self.B},{self.H},{self.Nq},{self.D})"
-        return q if self.Nq == self.Nk else f"{q} x kv ({self.B},{self.H},{self.Nk},{self.D})"
+        kv = f"({self.B},{self.kv_heads},{self.Nk},{self.D})"
+        return q if self.Nq == self.Nk and self.Hkv is None else f"{q} x kv {kv}"
 
 
 def _cases(mode: str):
@@ -102,9 +111,11 @@ def _cases(mode: str):
     if mode == "smoke":
         B, H, N, NL, D, L, img, qs = 1, 2, 128, 256, 32, 32, 16, (4, 8)
         Bx, Nx, Bd, Nd, Nds, Bs, Ns = 4, 64, 2, 512, 128, 2, 32
+        Hg, Hgkv, Ng, Dg = 4, 1, 128, 32
     else:
         B, H, N, NL, D, L, img, qs = 4, 8, 1024, 4096, 64, 256, 64, (8, 16)
         Bx, Nx, Bd, Nd, Nds, Bs, Ns = 4, 1024, 4, 4096, 1024, 8, 64
+        Hg, Hgkv, Ng, Dg = 32, 8, 2048, 128
     Bl = max(1, B // 2)
     lengths = (77, 50, 20, 7)[:Bx]
     return [
@@ -122,6 +133,8 @@ def _cases(mode: str):
         Case("decode", "decode (1 query)", Bd, H, 1, Nd, D, causal=True, bars={"sdpa": 2.0}),
         Case("decode_small", "decode (1 query), short cache", 1, H, 1, Nds, D, causal=True,
              bars={"sdpa": 1.0}),
+        Case("decode_gqa", f"decode (1 query), GQA {Hg // Hgkv}:1", 1, Hg, 1, Ng, Dg, causal=True,
+             Hkv=Hgkv),
     ]
 
 
@@ -198,8 +211,8 @@ def sdpa_local1d_blocked(q, k, v, block, mask):
 def make_inputs(c: Case, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(c.B, c.H, c.Nq, c.D, generator=g)
-    k = torch.randn(c.B, c.H, c.Nk, c.D, generator=g)
-    v = torch.randn(c.B, c.H, c.Nk, c.D, generator=g)
+    k = torch.randn(c.B, c.kv_heads, c.Nk, c.D, generator=g)
+    v = torch.randn(c.B, c.kv_heads, c.Nk, c.D, generator=g)
     return q, k, v
 
 
@@ -237,7 +250,8 @@ def build_fns(c: Case, q, k, v):
                 fns["sdpa_blocked"] = lambda: sdpa_local1d_blocked(q, k, v, L, blocked)
     elif c.causal and c.Nq == 1:  # decode: every cached key is visible
         fns["imgtx_fast"] = lambda: attention(q, k, v, causal=True)
-        fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v)
+        gqa = c.Hkv is not None  # SDPA reads the shared kv heads itself (enable_gqa)
+        fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     elif c.causal:
         fns["imgtx_fast"] = lambda: attention(q, k, v, causal=True)
         fns["sdpa_is_causal"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -384,6 +398,7 @@ def test_attention(benchmark, bench_settings, bench_results, case_id):
         record["gbps"] = {n: kv_bytes / t / 1e9 for n, t in medians.items()}
         record["read_ceiling_gbps"] = kv_bytes / sum_s / 1e9
         record["read_fraction"] = record["gbps"]["imgtx_fast"] / record["read_ceiling_gbps"]
+        record["read_target"] = c.Hkv is None  # one query row a kv head: a read of the cache
     bench_results.attention[c.id] = record
     benchmark.extra_info.update(
         shape=c.shape, rounds=rounds, visible_pairs=visible_pairs(c),
