@@ -79,6 +79,14 @@ PyObject* call_method(PyObject* self, PyObject* name) {
   return PyObject_VectorcallMethod(name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
 }
 
+// t.data_ptr(); false (a Python error may be set) when t has no such method.
+bool read_data_ptr(PyObject* t, uintptr_t& out) {
+  Owned ptr(call_method(t, g_data_ptr));
+  if (!ptr.p || !PyLong_Check(ptr.p)) return false;
+  out = uintptr_t(PyLong_AsUnsignedLongLong(ptr.p));
+  return !PyErr_Occurred();
+}
+
 // View of a tensor of min_ndim..4 dims; false (a Python error may be set: the caller clears it)
 // when t lacks the methods or has another rank.
 bool read_view(PyObject* t, int min_ndim, View& v) {
@@ -90,15 +98,15 @@ bool read_view(PyObject* t, int min_ndim, View& v) {
   if (!read_ints(shape.p, v.ndim, v.size)) return false;
   Owned stride(call_method(t, g_stride));
   if (!read_ints(stride.p, v.ndim, v.stride)) return false;
-  Owned ptr(call_method(t, g_data_ptr));
-  if (!ptr.p || !PyLong_Check(ptr.p)) return false;
-  v.ptr = uintptr_t(PyLong_AsUnsignedLongLong(ptr.p));
-  return !PyErr_Occurred();
+  return read_data_ptr(t, v.ptr);
 }
 
-bool same_dtype(PyObject* a, PyObject* b) {
-  Owned da(PyObject_GetAttr(a, g_dtype)), db(PyObject_GetAttr(b, g_dtype));
-  return da.p && da.p == db.p;  // torch dtypes are singletons
+// Whether t.dtype is the dtype object `dtype` (torch dtypes are singletons). Callers read a
+// dtype once and compare the other tensors' to it: right after a model's torch ops each read
+// of a tensor attribute costs 1-3 us (the interpreter's and torch's caches are cold).
+bool has_dtype(PyObject* t, PyObject* dtype) {
+  Owned d(PyObject_GetAttr(t, g_dtype));
+  return d.p && d.p == dtype;
 }
 
 bool dense_last(const View& v) { return v.stride[3] == 1 || v.size[3] == 1; }
@@ -133,6 +141,7 @@ bool broadcast_mask(const View& m, const int64_t target[4], int64_t strides[4]) 
 
 // What build_inputs reads from a call besides q, k and v.
 struct CallArgs {
+  PyObject *dtype;        // q's dtype object (borrowed)
   PyObject *mask, *key_lengths, *scale;
   long code, mask_code;   // the inputs' DType code; the mask's (0-2 additive, kMaskBool)
   int64_t causal_offset;  // kAttnNoCausal, or the kernels' offset (align_end: added Nk - Nq)
@@ -147,7 +156,7 @@ bool build_inputs(PyObject* q, PyObject* k, PyObject* v, const CallArgs& c,
   View qv, kv, vv;
   if (!read_view(q, 4, qv) || !read_view(k, 4, kv) || !read_view(v, 4, vv))
     return false;  // exactly 4-D: read_view takes min_ndim..4 dims
-  if (!same_dtype(q, k) || !same_dtype(q, v)) return false;
+  if (!has_dtype(k, c.dtype) || !has_dtype(v, c.dtype)) return false;
   const int64_t B = qv.size[0], H = qv.size[1], Nq = qv.size[2], D = qv.size[3];
   const int64_t Hkv = kv.size[1], Nk = kv.size[2], Dv = vv.size[3];
   if (kv.size[0] != B || vv.size[0] != B || vv.size[1] != Hkv || vv.size[2] != Nk ||
@@ -206,10 +215,10 @@ bool build_inputs(PyObject* q, PyObject* k, PyObject* v, const CallArgs& c,
   return true;
 }
 
-// p.out from `out`: exactly (B, H, Nq, Dv) in q's dtype object, the last dim dense.
-bool attach_out(PyObject* out, PyObject* q, AttnForwardParams& p) {
+// p.out from `out`: exactly (B, H, Nq, Dv) in the dtype object `dtype`, the last dim dense.
+bool attach_out(PyObject* out, PyObject* dtype, AttnForwardParams& p) {
   View ov;
-  if (!read_view(out, 4, ov) || !same_dtype(q, out) || !dense_last(ov)) return false;
+  if (!read_view(out, 4, ov) || !has_dtype(out, dtype) || !dense_last(ov)) return false;
   if (ov.size[0] != p.batch || ov.size[1] != p.heads || ov.size[2] != p.q_len ||
       ov.size[3] != p.v_dim)
     return false;
@@ -283,7 +292,7 @@ PyObject* attention_forward_cpu_call(PyObject*, PyObject* const* a, Py_ssize_t n
   if (ok < 0) return nullptr;
   if (ok == 0) Py_RETURN_NONE;
 
-  CallArgs c{mask, key_lengths, a[7], -1, -1, PyLong_AsLongLong(a[3]), false, false};
+  CallArgs c{nullptr, mask, key_lengths, a[7], -1, -1, PyLong_AsLongLong(a[3]), false, false};
   const int align_end = PyObject_IsTrue(a[4]), gqa = PyObject_IsTrue(a[8]);
   const int contiguous = PyObject_IsTrue(a[9]), want_lse = PyObject_IsTrue(a[10]);
   if (PyErr_Occurred() || align_end < 0 || gqa < 0 || contiguous < 0 || want_lse < 0) {
@@ -293,6 +302,7 @@ PyObject* attention_forward_cpu_call(PyObject*, PyObject* const* a, Py_ssize_t n
   c.align_end = align_end != 0, c.gqa = gqa != 0;
   Owned dtype(PyObject_GetAttr(q, g_dtype));
   if (!dtype.p) return nullptr;  // a torch.Tensor without dtype: not a call to decline
+  c.dtype = dtype.p;
   c.code = float_dtype_code(dtype.p);
   c.mask_code = mask == Py_None ? -1 : mask_dtype_code(mask);
   if (c.code < 0 || (mask != Py_None && c.mask_code < 0)) Py_RETURN_NONE;
@@ -314,25 +324,32 @@ PyObject* attention_forward_cpu_call(PyObject*, PyObject* const* a, Py_ssize_t n
   const int64_t B = p.batch, H = p.heads, Nq = p.q_len, Dv = p.v_dim;
   const int64_t size[4] = {B, H, Nq, Dv};
   const int64_t bhnd[4] = {H * Nq * Dv, Nq * Dv, Dv, 1}, bnhd[4] = {Nq * H * Dv, Dv, H * Dv, 1};
-  Owned out(new_torch_tensor(size, contiguous ? bhnd : bnhd, 4, dtype.p));
+  const int64_t* out_stride = contiguous ? bhnd : bnhd;
+  Owned out(new_torch_tensor(size, out_stride, 4, dtype.p));
   if (!out.p) return nullptr;
   const int64_t lse_stride[3] = {H * Nq, Nq, 1};
   Owned lse(want_lse ? new_torch_tensor(size, lse_stride, 3, float32_dtype()) : nullptr);
   if (want_lse && !lse.p) return nullptr;
-  if (!attach_out(out.p, q, p) || (lse.p && !attach_lse(lse.p, p))) {
+  // torch.empty_strided gives the sizes and strides asked for: only the data pointers are
+  // read back (each read of a tensor attribute costs 1-3 us right after torch ops)
+  uintptr_t out_ptr = 0, lse_ptr = 0;
+  if (!read_data_ptr(out.p, out_ptr) || (lse.p && !read_data_ptr(lse.p, lse_ptr))) {
     if (!PyErr_Occurred())
-      PyErr_SetString(PyExc_RuntimeError, "attention: torch.empty_strided gave an unexpected tensor");
+      PyErr_SetString(PyExc_RuntimeError, "attention: torch.empty_strided gave no tensor");
     return nullptr;
   }
+  p.out = {reinterpret_cast<void*>(out_ptr), p.q.dtype, out_stride[0], out_stride[1],
+           out_stride[2]};
+  p.lse = lse.p ? reinterpret_cast<float*>(lse_ptr) : nullptr;
   Owned done(run_without_gil([&] { attention_forward_cpu(p, threads); }));
   if (!done.p) return nullptr;
   return PyTuple_Pack(2, out.p, lse.p ? lse.p : Py_None);
 }
 
-// A gradient operand: exactly (d0, d1, d2, d3), in the dtype object of dtype_of, last dim dense.
-bool read_grad(PyObject* t, PyObject* dtype_of, int64_t d0, int64_t d1, int64_t d2, int64_t d3,
+// A gradient operand: exactly (d0, d1, d2, d3), in the dtype object `dtype`, last dim dense.
+bool read_grad(PyObject* t, PyObject* dtype, int64_t d0, int64_t d1, int64_t d2, int64_t d3,
                View& v) {
-  return read_view(t, 4, v) && same_dtype(t, dtype_of) && dense_last(v) && v.size[0] == d0 &&
+  return read_view(t, 4, v) && has_dtype(t, dtype) && dense_last(v) && v.size[0] == d0 &&
          v.size[1] == d1 && v.size[2] == d2 && v.size[3] == d3;
 }
 
@@ -356,7 +373,7 @@ PyObject* attention_backward_cpu_call(PyObject*, PyObject* const* args, Py_ssize
   if (state == 0 || q == Py_None || lse == Py_None) Py_RETURN_FALSE;
   Owned dtype(PyObject_GetAttr(q, g_dtype));
   Owned lse_dtype(PyObject_GetAttr(lse, g_dtype));
-  CallArgs c{mask, args[11], args[12], -1, -1, PyLong_AsLongLong(args[13]), false, true};
+  CallArgs c{dtype.p, mask, args[11], args[12], -1, -1, PyLong_AsLongLong(args[13]), false, true};
   if (PyErr_Occurred() || !dtype.p || lse_dtype.p != float32_dtype()) {
     PyErr_Clear();
     Py_RETURN_FALSE;
@@ -371,16 +388,16 @@ PyObject* attention_backward_cpu_call(PyObject*, PyObject* const* args, Py_ssize
   AttnBackwardParams p;
   View gv, dqv, dkv, dvv;
   // the forward's operands, read and checked as its: the gradients must match their shapes
-  bool ok = build_inputs(q, args[3], args[4], c, f) && attach_out(args[5], q, f) &&
+  bool ok = build_inputs(q, args[3], args[4], c, f) && attach_out(args[5], dtype.p, f) &&
             attach_lse(lse, f);
   const int64_t B = f.batch, H = f.heads, Hkv = f.kv_heads, Nq = f.q_len, Nk = f.k_len;
-  ok = ok && read_grad(grad_out, q, B, H, Nq, f.v_dim, gv) &&
-       read_grad(args[7], q, B, H, Nq, f.head_dim, dqv) &&
-       read_grad(args[8], q, B, Hkv, Nk, f.head_dim, dkv) &&
-       read_grad(args[9], q, B, Hkv, Nk, f.v_dim, dvv);
+  ok = ok && read_grad(grad_out, dtype.p, B, H, Nq, f.v_dim, gv) &&
+       read_grad(args[7], dtype.p, B, H, Nq, f.head_dim, dqv) &&
+       read_grad(args[8], dtype.p, B, Hkv, Nk, f.head_dim, dkv) &&
+       read_grad(args[9], dtype.p, B, Hkv, Nk, f.v_dim, dvv);
   if (ok && grad_lse != Py_None) {
     View lv;
-    ok = read_view(grad_lse, 3, lv) && lv.ndim == 3 && same_dtype(grad_lse, lse) &&
+    ok = read_view(grad_lse, 3, lv) && lv.ndim == 3 && has_dtype(grad_lse, float32_dtype()) &&
          lv.size[0] == f.batch && lv.size[1] == f.heads && lv.size[2] == f.q_len &&
          lv.stride[2] == 1 && lv.stride[1] == f.q_len && lv.stride[0] == f.heads * f.q_len;
     if (ok) p.grad_lse = reinterpret_cast<const float*>(lv.ptr);
