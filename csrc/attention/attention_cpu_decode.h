@@ -7,11 +7,10 @@
 // keys in the fused loops): the chunk's K rows give the scores (dot products reduced in
 // registers), an online-softmax step rescales the running output, and the same chunk's V rows
 // are accumulated, so K and V are read as two streams side by side and the hardware
-// prefetcher keeps both running. (Scoring a whole block
-// of keys before reading its values alternates the streams instead: each restart leaves the
-// core waiting on memory, 70-75% of the plain read rate measured on one core.) Long caches are
-// split across threads ("flash decoding") and the partial (max, sum, output) of the splits
-// merged by their log-sum-exp.
+// prefetcher keeps both running. (Scoring a whole block of keys before reading its values
+// alternates the streams instead: each restart leaves the core waiting on memory, 70-75% of
+// the plain read rate measured on one core.) Long caches are split across threads ("flash
+// decoding") and the partial (max, sum, output) of the splits merged by their log-sum-exp.
 #pragma once
 
 #include "attention/attention_cpu_tile.h"
@@ -385,11 +384,13 @@ int64_t decode_row_fused(const float* q, FixedStrideRows<NQ * W> k, FixedStrideR
 // every row's scores (chunk_scores, over K rows the first row brought to the L1), then their
 // lazy softmax steps side by side, then the chunk's V rows read once for all R rows. The
 // running outputs stay in the partial rows (L1), loaded and stored once a chunk: R * NQ
-// vectors do not fit in the registers beside the 16 dot-product accumulators.
+// vectors do not fit in the registers beside the W dot-product accumulators.
 // Measured from the L2 on one core, (1, 8, 1, 64) over 1 MiB of K and V, against chunk by
 // chunk (decode_chunk: V read once per row, o loaded and stored per row, a call per step):
 // 2 heads a kv head 22.3 -> 20.6 us, 4 heads 40 -> 29 us, 8 heads 76 -> 56 us (a plain sum:
-// 11.5 us). The work per key grows with the rows: a group of 4 is compute-bound.
+// 11.5 us). Beyond one row the loop is compute-bound: at D = 64 a row and key take 8 FMAs and
+// ~5 more vector instructions (the lane reduction, the exponential), while the key's 512 bytes
+// are shared by the group. (Software prefetch of the next chunks, tried: no gain.)
 // rows: q at q + r * q_ld (scaled), partial rows at part + r * part_ld. Returns the keys done.
 template <int W, int NQ, int R>
 int64_t decode_rows_fused(const float* q, int64_t q_ld, FixedStrideRows<NQ * W> k,
@@ -452,11 +453,13 @@ int64_t decode_rows_fused(const float* q, int64_t q_ld, FixedStrideRows<NQ * W> 
 }
 
 // The block's full chunks for every row of r by the fused loops: decode_rows_fused for groups
-// of up to 4 rows, decode_row_fused for a row on its own. Returns the keys done (the same for every row).
+// of up to 4 rows, decode_row_fused for a row on its own. Returns the keys done (the same for
+// every row).
 template <int W, int NQ>
 int64_t decode_fused(const DecodeRows& r, FixedStrideRows<NQ * W> k,
                      FixedStrideRows<NQ * W> v, int64_t count) {
-  if (r.count == 1) return decode_row_fused<W, NQ>(r.q, k, v, count, r.part, lane_sums(r.part, r.dvp));
+  if (r.count == 1)
+    return decode_row_fused<W, NQ>(r.q, k, v, count, r.part, lane_sums(r.part, r.dvp));
   int64_t done = 0;
   for (int64_t i = 0; i < r.count;) {
     const int64_t n = std::min<int64_t>(4, r.count - i);
@@ -503,8 +506,8 @@ void decode_blocks(const AttnForwardParams& p, const DecodeRows& r, int64_t g,
         int64_t seen = blk.count;  // the prefix of the block every row sees
         if (blk.kpos_max > qpos_min)
           for (seen = 0; seen < blk.count && blk.kpos[size_t(seen)] <= qpos_min;) ++seen;
-        c0 = decode_fused<W, NQ>(r, FixedStrideRows<NQ * W>{kin}, FixedStrideRows<NQ * W>{vin},
-                              seen);
+        c0 = decode_fused<W, NQ>(r, FixedStrideRows<NQ * W>{kin},
+                                 FixedStrideRows<NQ * W>{vin}, seen);
       }
     }
     for (; c0 < blk.count; c0 += C) {
