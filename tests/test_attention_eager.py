@@ -185,6 +185,9 @@ def _declined():
         "negative key_lengths": (q, k, v, {"key_lengths": torch.tensor([-1, 2])}),
         "key_lengths of other batch": (q, k, v, {"key_lengths": torch.tensor([3])}),
         "int32 key_lengths": (q, k, v, {"key_lengths": torch.tensor([3, 6], dtype=torch.int32)}),
+        # read as int64, (3, 0) would become (3, 5): in range, so only the dtype check declines it
+        "int32 key_lengths, in range as int64": (
+            q, k, v, {"key_lengths": torch.tensor([3, 0, 5, 0], dtype=torch.int32)[:2]}),
         "NaN scale": (q, k, v, {"scale": float("nan")}),
         "numpy scale": (q, k, v, {"scale": __import__("numpy").float32(0.5)}),
     }
@@ -302,9 +305,9 @@ def test_the_backward_entry_takes_plain_calls_and_declines_the_rest(monkeypatch)
     go = torch.randn_like(o)
     grads = [torch.full_like(t, 7.0) for t in (qd, kd, vd)]
 
-    def call(grad_out=go, grad_lse=None, q_=qd, lse_=lse, dq=grads[0], mask_=None):
+    def call(grad_out=go, grad_lse=None, q_=qd, lse_=lse, dq=grads[0], mask_=None, lengths=None):
         return _C.attention_backward_cpu_call(grad_out, grad_lse, q_, kd, vd, o, lse_, dq, grads[1],
-                                              grads[2], mask_, None, None, _NO_CAUSAL)
+                                              grads[2], mask_, lengths, None, _NO_CAUSAL)
     assert call(grad_out=go[:, :, :5]) is False                     # grad_out shaped unlike out
     assert call(grad_out=go.double()) is False                      # another dtype
     assert call(grad_lse=torch.zeros(2, 4, 8)) is False             # grad_lse shaped unlike lse
@@ -314,6 +317,8 @@ def test_the_backward_entry_takes_plain_calls_and_declines_the_rest(monkeypatch)
     assert call(dq=torch.empty(2, 4, 9, 17)) is False                # dq shaped unlike q
     assert call(q_=qd.double()) is False                             # no kernel for float64
     assert call(mask_=torch.ones(2, 1, 9, 13, dtype=torch.int32)) is False  # an int mask
+    lengths32 = torch.tensor([9, 0, 5, 0], dtype=torch.int32)[:2]  # (9, 5) if read as int64
+    assert call(lengths=lengths32) is False                          # int32 key_lengths
     for junk in (None, 3, "g", object()):
         assert call(grad_out=junk) is False
         assert call(q_=junk) is False

@@ -244,6 +244,23 @@ int mask_dtype_code(PyObject* mask) {
   return is_bool_dtype(dtype.p) ? kMaskBool : float_dtype_code(dtype.p);
 }
 
+// Fills c's dtype codes from q's dtype object (the caller holds it) and c.mask's dtype, and
+// checks that c.key_lengths (if any) is int64. False, with no Python error left set, for a call
+// the kernels do not take (another dtype, an int mask, int32 key_lengths: the general path
+// converts or reports them). Both entry points use it, so they decline the same calls.
+bool read_dtype_codes(PyObject* dtype, CallArgs& c) {
+  c.dtype = dtype;
+  c.code = float_dtype_code(dtype);
+  c.mask_code = c.mask == Py_None ? -1 : mask_dtype_code(c.mask);
+  bool ok = c.code >= 0 && (c.mask == Py_None || c.mask_code >= 0);
+  if (ok && c.key_lengths != Py_None) {
+    Owned kl_dtype(PyObject_GetAttr(c.key_lengths, g_dtype));
+    ok = kl_dtype.p && is_int64_dtype(kl_dtype.p);
+  }
+  if (!ok) PyErr_Clear();
+  return ok;
+}
+
 // Runs the kernel call without the GIL: True, or NULL with its C++ exception as a Python error.
 template <class Call>
 PyObject* run_without_gil(Call&& call) {
@@ -302,17 +319,7 @@ PyObject* attention_forward_cpu_call(PyObject*, PyObject* const* a, Py_ssize_t n
   c.align_end = align_end != 0, c.gqa = gqa != 0;
   Owned dtype(PyObject_GetAttr(q, g_dtype));
   if (!dtype.p) return nullptr;  // a torch.Tensor without dtype: not a call to decline
-  c.dtype = dtype.p;
-  c.code = float_dtype_code(dtype.p);
-  c.mask_code = mask == Py_None ? -1 : mask_dtype_code(mask);
-  if (c.code < 0 || (mask != Py_None && c.mask_code < 0)) Py_RETURN_NONE;
-  if (key_lengths != Py_None) {
-    Owned kl_dtype(PyObject_GetAttr(key_lengths, g_dtype));
-    if (!kl_dtype.p || !is_int64_dtype(kl_dtype.p)) {
-      PyErr_Clear();
-      Py_RETURN_NONE;  // int32 key_lengths: the general path converts them
-    }
-  }
+  if (!read_dtype_codes(dtype.p, c)) Py_RETURN_NONE;
   AttnForwardParams p;
   if (!build_inputs(q, k, v, c, p)) {
     PyErr_Clear();  // whatever a method lookup left: the general path reports errors
@@ -373,14 +380,9 @@ PyObject* attention_backward_cpu_call(PyObject*, PyObject* const* args, Py_ssize
   if (state == 0 || q == Py_None || lse == Py_None) Py_RETURN_FALSE;
   Owned dtype(PyObject_GetAttr(q, g_dtype));
   Owned lse_dtype(PyObject_GetAttr(lse, g_dtype));
-  CallArgs c{dtype.p, mask, args[11], args[12], -1, -1, PyLong_AsLongLong(args[13]), false, true};
-  if (PyErr_Occurred() || !dtype.p || lse_dtype.p != float32_dtype()) {
-    PyErr_Clear();
-    Py_RETURN_FALSE;
-  }
-  c.code = float_dtype_code(dtype.p);
-  c.mask_code = mask == Py_None ? -1 : mask_dtype_code(mask);
-  if (c.code < 0 || (mask != Py_None && c.mask_code < 0)) {
+  CallArgs c{nullptr, mask, args[11], args[12], -1, -1, PyLong_AsLongLong(args[13]), false, true};
+  if (PyErr_Occurred() || !dtype.p || lse_dtype.p != float32_dtype() ||
+      !read_dtype_codes(dtype.p, c)) {
     PyErr_Clear();
     Py_RETURN_FALSE;
   }
