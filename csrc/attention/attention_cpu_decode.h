@@ -458,8 +458,6 @@ int64_t decode_rows_fused(const float* q, int64_t q_ld, FixedStrideRows<NQ * W> 
 template <int W, int NQ>
 int64_t decode_fused(const DecodeRows& r, FixedStrideRows<NQ * W> k,
                      FixedStrideRows<NQ * W> v, int64_t count) {
-  if (r.count == 1)
-    return decode_row_fused<W, NQ>(r.q, k, v, count, r.part, lane_sums(r.part, r.dvp));
   int64_t done = 0;
   for (int64_t i = 0; i < r.count;) {
     const int64_t n = std::min<int64_t>(4, r.count - i);
